@@ -1,0 +1,1 @@
+//! PLACEHOLDER — the declarative layout codec is being written; replace this whole module.

@@ -1,0 +1,1 @@
+//! The NB-IoT gateway.
