@@ -140,14 +140,19 @@ pub enum DeviceTime {
     /// as seconds since 1970-01-01T00:00:00 of that wall clock. The profile's `utc_offset`
     /// turns it into UTC.
     Local(i64),
+    /// This many seconds before the uplink was received: successive samples batched in one
+    /// uplink without their own clock (Milesight cellular records at the collecting interval).
+    Ago(u32),
 }
 
 impl DeviceTime {
-    /// UTC seconds, applying `utc_offset_s` to a local wall-clock time.
-    pub fn to_utc(self, utc_offset_s: i64) -> i64 {
+    /// UTC seconds, applying `utc_offset_s` to a local wall-clock time and counting
+    /// [`DeviceTime::Ago`] back from `received_at` (UTC seconds).
+    pub fn to_utc(self, utc_offset_s: i64, received_at: i64) -> i64 {
         match self {
             DeviceTime::Utc(t) => t,
             DeviceTime::Local(t) => t - utc_offset_s,
+            DeviceTime::Ago(s) => received_at - i64::from(s),
         }
     }
 }
@@ -157,6 +162,8 @@ impl Serialize for DeviceTime {
         match *self {
             DeviceTime::Utc(t) => s.serialize_str(&crate::time::format_rfc3339(t, true)),
             DeviceTime::Local(t) => s.serialize_str(&crate::time::format_rfc3339(t, false)),
+            // No clock to anchor it to here: say what it is ("-60s", sixty seconds before receipt).
+            DeviceTime::Ago(secs) => s.serialize_str(&format!("-{secs}s")),
         }
     }
 }
