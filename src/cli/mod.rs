@@ -1,0 +1,1 @@
+//! The subcommands of the `nbiot-gateway` binary. (Being written by the lead.)
