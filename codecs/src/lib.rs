@@ -41,4 +41,11 @@ pub trait Codec: Send + Sync + std::fmt::Debug {
     ///
     /// Never panics; returns an error that names the byte offset and the cause.
     fn decode(&self, payload: &[u8]) -> Result<Vec<Reading>, DecodeError>;
+
+    /// Every field name this codec can produce, when it can say (profile validation checks
+    /// alert rules against it). Empty means "not declared": profiles then check rules
+    /// against the fields their examples produce and their `[fields]` table.
+    fn field_names(&self) -> Vec<&str> {
+        Vec::new()
+    }
 }
