@@ -603,6 +603,12 @@ impl Codec for Cjt188Codec {
         ID
     }
 
+    fn field_names(&self) -> Vec<&str> {
+        let mut names = RESERVED_FIELDS.to_vec();
+        names.extend(self.status_bits.iter().map(|b| b.name.as_str()));
+        names
+    }
+
     fn decode(&self, payload: &[u8]) -> Result<Vec<Reading>, DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
