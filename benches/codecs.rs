@@ -6,7 +6,6 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use nbiot_codecs::Codec;
 
 struct Vector {
     codec: &'static str,
@@ -26,11 +25,14 @@ fn codec_for(vendor: &str) -> Option<&'static str> {
 
 fn vectors() -> Vec<Vector> {
     let doc: serde_json::Value =
-        serde_json::from_str(include_str!("../codecs/tests/data/devices.json")).expect("vectors parse");
+        serde_json::from_str(include_str!("../codecs/tests/data/devices.json"))
+            .expect("vectors parse");
     let mut out = Vec::new();
     for device in doc.as_array().expect("list") {
         let vendor = device["vendor"].as_str().unwrap_or_default();
-        let Some(codec) = codec_for(vendor) else { continue };
+        let Some(codec) = codec_for(vendor) else {
+            continue;
+        };
         let model: String = device["model"]
             .as_str()
             .unwrap_or_default()
@@ -38,7 +40,12 @@ fn vectors() -> Vec<Vector> {
             .next()
             .unwrap_or_default()
             .to_owned();
-        for (i, v) in device["vectors"].as_array().expect("vectors").iter().enumerate() {
+        for (i, v) in device["vectors"]
+            .as_array()
+            .expect("vectors")
+            .iter()
+            .enumerate()
+        {
             let hex = v["hex"].as_str().expect("hex");
             out.push(Vector {
                 codec,
@@ -61,5 +68,37 @@ fn builtin_codecs(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, builtin_codecs);
+/// The declarative layout codec against the hand-written codec for the same device
+/// (target: within 2×).
+fn layout_vs_builtin(c: &mut Criterion) {
+    let cases = [
+        (
+            "dragino-n95s31b",
+            include_str!("../codecs/tests/data/layout-dragino-n95s31b.toml"),
+            "dragino",
+            "724031607457006e0ccd1b0100dc000ccc00e10186",
+        ),
+        (
+            "milesight-em300-th",
+            include_str!("../codecs/tests/data/layout-milesight-em300-th.toml"),
+            "milesight",
+            "01755c03673401046865",
+        ),
+    ];
+    let mut group = c.benchmark_group("layout_vs_builtin");
+    for (name, layout, builtin, hex) in cases {
+        let payload = nbiot_codecs::hex::decode(hex.as_bytes()).expect("hex");
+        let layout = nbiot_codecs::layout::compile_str(layout).expect("layout compiles");
+        let builtin = nbiot_codecs::builtin(builtin).expect("built-in codec");
+        group.bench_function(format!("{name}/layout"), |b| {
+            b.iter(|| black_box(nbiot_codecs::Codec::decode(&layout, black_box(&payload))))
+        });
+        group.bench_function(format!("{name}/builtin"), |b| {
+            b.iter(|| black_box(builtin.decode(black_box(&payload))))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, builtin_codecs, layout_vs_builtin);
 criterion_main!(benches);
