@@ -48,6 +48,23 @@ use crate::DecodeError;
 /// Bytes before DATA.
 pub(super) const HEADER_LEN: usize = 86;
 
+/// The fields [`frame_reading`] adds to the first reading of a cellular frame.
+pub(super) const FRAME_FIELDS: &[&str] = &[
+    "frame_id",
+    "frame_length",
+    "frame_flag",
+    "frame_counter",
+    "protocol_version",
+    "firmware_version",
+    "hardware_version",
+    "sn",
+    "imsi",
+    "iccid",
+    "csq",
+    "rssi_dbm",
+    "data_length",
+];
+
 /// The start byte of a cellular frame.
 const START: u8 = 0x02;
 

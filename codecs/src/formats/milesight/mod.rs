@@ -115,6 +115,9 @@
 //!   Text, `csq` Int, `rssi_dbm` Int (from CSQ 0..31; absent for 99 = unknown),
 //!   `data_length` Int.
 //! - After an unknown channel: `unknown_channel` Int, `unparsed_hex` Text.
+//!
+//! [`Codec::field_names`] lists all of these for the configured model (the cellular frame
+//! fields unless `frame = "tlv"`); `tests/field_names.rs` checks the vectors against it.
 
 mod cellular;
 mod tlv;
@@ -292,6 +295,21 @@ impl Codec for MilesightCodec {
         ID
     }
 
+    /// Every field the configured model can produce: the TLV stream's (see
+    /// `tlv::field_names`), plus the cellular frame fields unless `frame = "tlv"`.
+    fn field_names(&self) -> Vec<&str> {
+        let mut names = tlv::field_names(self.model);
+        if self.frame != Frame::Tlv {
+            for name in cellular::FRAME_FIELDS {
+                // firmware_version, hardware_version and sn are also TLV channels.
+                if !names.contains(name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
     fn decode(&self, payload: &[u8]) -> Result<Vec<Reading>, DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
@@ -353,6 +371,32 @@ mod tests {
         assert!(MilesightCodec::from_options(&bad).is_err());
         let bad: CodecOptions = toml::from_str("modle = \"ws101\"").unwrap();
         assert!(MilesightCodec::from_options(&bad).is_err());
+    }
+
+    #[test]
+    fn field_names_follow_model_and_frame() {
+        let names = |model, frame| -> Vec<String> {
+            let codec = MilesightCodec {
+                model,
+                frame,
+                accept_legacy_water_channel: false,
+            };
+            codec.field_names().into_iter().map(str::to_owned).collect()
+        };
+        let has = |list: &[String], name: &str| list.iter().any(|n| n == name);
+        let mcs = names(Model::Em300Mcs, Frame::Tlv);
+        assert!(has(&mcs, "magnet_open") && has(&mcs, "wifi_7_rssi_dbm"));
+        assert!(!has(&mcs, "leak") && !has(&mcs, "imsi"));
+        assert!(has(&names(Model::Em300Mcs, Frame::Cellular), "imsi"));
+        assert!(has(&names(Model::Em300Th, Frame::Auto), "rssi_dbm"));
+        assert!(has(&names(Model::Generic, Frame::Tlv), "channel_5_state"));
+        for model in Model::NAMES.iter().map(|&(_, m)| m) {
+            for frame in [Frame::Auto, Frame::Tlv, Frame::Cellular] {
+                let list = names(model, frame);
+                let unique: std::collections::BTreeSet<_> = list.iter().collect();
+                assert_eq!(unique.len(), list.len(), "{model:?} {frame:?}: duplicates");
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,89 @@ const WIFI_FIELDS: [[&str; 3]; MAX_WIFI] = [
     ["wifi_7_group", "wifi_7_mac", "wifi_7_rssi_dbm"],
 ];
 
+/// Fields any model's stream can carry: the channels that mean the same on every model
+/// (decoded whatever the model), the Wi-Fi scan bookkeeping, and the unknown-channel report.
+/// The indexed Wi-Fi names are in [`WIFI_FIELDS`].
+const COMMON_FIELDS: &[&str] = &[
+    "battery_pct",
+    "temperature_c",
+    "humidity_pct",
+    "angle_x_deg",
+    "angle_y_deg",
+    "angle_z_deg",
+    "tilt_x_alarm",
+    "tilt_y_alarm",
+    "tilt_z_alarm",
+    "distance_m",
+    "temperature_alarm",
+    "distance_alarm",
+    "gnss_fix",
+    "latitude_deg",
+    "longitude_deg",
+    "geofence",
+    "motion",
+    // Status low nibble 4/5 of a position or Wi-Fi entry (AT101), on any model.
+    "tilted",
+    "geofence_alarm",
+    "wifi_count",
+    "wifi_dropped",
+    "wifi_scan_timeout",
+    "button_event",
+    "water_conv",
+    "pulse_conv",
+    "water",
+    "water_error",
+    "water_alarm",
+    "pulse",
+    "initial_angle_x_deg",
+    "initial_angle_y_deg",
+    "initial_angle_z_deg",
+    "inclination_x_deg",
+    "inclination_y_deg",
+    "inclination_z_deg",
+    "ipso_version",
+    "hardware_version",
+    "firmware_version",
+    "tsl_version",
+    "sn",
+    "lorawan_class",
+    "reset",
+    "power_on",
+    "collecting_interval_s",
+    "report_interval_s",
+    "threshold_condition",
+    "threshold_below_c",
+    "threshold_above_c",
+    "threshold_current_c",
+    "unknown_channel",
+    "unparsed_hex",
+];
+
+/// Every field a TLV stream can produce on `model`: [`COMMON_FIELDS`], the Wi-Fi entries,
+/// and what the model's state channels and history records add (history records otherwise
+/// reuse common names).
+pub(super) fn field_names(model: Model) -> Vec<&'static str> {
+    let by_model: &[&str] = match model {
+        Model::Generic => &[
+            "channel_3_state",
+            "channel_5_state",
+            "channel_6_state",
+            "channel_7_state",
+        ],
+        Model::Em300Mcs => &["magnet_open"],
+        Model::Em300Sld | Model::Em300Mld | Model::Ws303 => &["leak"],
+        Model::Em300Di => &["gpio_high", "gpio_alarm", "gpio_mode"],
+        Model::At101 => &["tamper"],
+        // `tilted` (EM400 0x05/0x00) is common: see above.
+        Model::Em300Th | Model::Em310Tilt | Model::Em400 | Model::Ws101 => &[],
+    };
+    let mut names = Vec::with_capacity(COMMON_FIELDS.len() + 3 * MAX_WIFI + by_model.len());
+    names.extend_from_slice(COMMON_FIELDS);
+    names.extend(WIFI_FIELDS.iter().flatten());
+    names.extend_from_slice(by_model);
+    names
+}
+
 /// A one-byte state channel `x/0x00`, whose meaning depends on the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
