@@ -6,16 +6,22 @@
 //! - [`config`]: the TOML config (`Config`, serde, documented defaults) and its validation.
 //! - [`profiles`]: device profiles (`device-profiles/*.toml`): loading, validation,
 //!   examples, and decoding a payload with a profile.
+//! - [`pipeline`]: uplinks from the sources to a durable commit and back to an ack.
 //! - [`store`]: the embedded SQLite database (WAL, versioned migrations).
 //! - [`registry`]: registered devices (id → profile, labels, params, token).
 //! - [`api`]: the HTTP API (axum): health, profiles, devices.
 //! - [`cli`]: the subcommands of the `nbiot-gateway` binary.
+//! - [`run`]: `nbiot-gateway run`: components built from the config, run, shut down.
+//! - [`telemetry`]: logging setup.
 //!
 //! Pure payload decoding lives in the `nbiot-codecs` crate; nothing here re-implements it.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod pipeline;
 pub mod profiles;
 pub mod registry;
+pub mod run;
 pub mod store;
+pub mod telemetry;

@@ -20,12 +20,22 @@ fn run_stdin(args: &[&str], input: &[u8]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary runs");
-    child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
     child.wait_with_output().expect("the binary exits")
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "exit {:?}, stderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
 
@@ -65,13 +75,17 @@ fn decode_with_a_builtin_codec_prints_readings_json() {
 
 #[test]
 fn decode_error_is_one_line_and_exit_1() {
-    let bad_checksum = "fefefefe68104433221100337881161f9000007766552c007766552c3101221105152021840816";
+    let bad_checksum =
+        "fefefefe68104433221100337881161f9000007766552c007766552c3101221105152021840816";
     let out = run(&["decode", "--codec", "cjt188", bad_checksum]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8(out.stderr).expect("utf-8");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("checksum mismatch: frame says 0x08, bytes sum to 0x13"), "{err}");
+    assert!(
+        err.contains("checksum mismatch: frame says 0x08, bytes sum to 0x13"),
+        "{err}"
+    );
 
     let out = run(&["decode", "--codec", "nope", "00"]);
     assert_eq!(out.status.code(), Some(1));
@@ -88,7 +102,10 @@ fn decode_reads_raw_or_hex_from_stdin() {
         .map(|i| u8::from_str_radix(&CJT188_REPLY[2 * i..2 * i + 2], 16).expect("hex"))
         .collect();
     let from_raw = json(&run_stdin(&["decode", "--codec", "cjt188", "-"], &raw));
-    let from_hex = json(&run_stdin(&["decode", "--codec", "cjt188", "-"], format!("{CJT188_REPLY}\n").as_bytes()));
+    let from_hex = json(&run_stdin(
+        &["decode", "--codec", "cjt188", "-"],
+        format!("{CJT188_REPLY}\n").as_bytes(),
+    ));
     assert_eq!(from_raw, from_hex);
     assert_eq!(from_raw[0]["fields"]["volume_m3"], 556677.0);
 }
@@ -106,24 +123,43 @@ fn decode_with_a_profile_uses_its_measurement() {
     ]));
     assert_eq!(v[0]["measurement"], "water_meter");
 
-    let out = run(&["decode", "--profile", "no-such", "--profiles", dir.to_str().expect("path"), "00"]);
+    let out = run(&[
+        "decode",
+        "--profile",
+        "no-such",
+        "--profiles",
+        dir.to_str().expect("path"),
+        "00",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no profile `no-such`") && err.contains("cjt188-water-meter"), "{err}");
+    assert!(
+        err.contains("no profile `no-such`") && err.contains("cjt188-water-meter"),
+        "{err}"
+    );
 }
 
 #[test]
 fn shipped_profiles_all_pass_check() {
-    let out = run(&["profiles", "check", shipped_profiles().to_str().expect("path")]);
+    let out = run(&[
+        "profiles",
+        "check",
+        shipped_profiles().to_str().expect("path"),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stderr: {}\nstdout: {stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}\nstdout: {stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("0 file(s) with errors"), "{stdout}");
 }
 
 #[test]
 fn profiles_check_names_file_and_line_of_every_problem() {
     let dir = TempDir::new("check");
-    let good = std::fs::read_to_string(shipped_profiles().join("cjt188-water-meter.toml")).expect("shipped profile");
+    let good = std::fs::read_to_string(shipped_profiles().join("cjt188-water-meter.toml"))
+        .expect("shipped profile");
     std::fs::write(dir.0.join("good.toml"), &good).expect("write");
     let cases: &[(&str, &str, &str)] = &[
         (
@@ -158,6 +194,18 @@ fn profiles_check_names_file_and_line_of_every_problem() {
             &format!("name = \"f\"\nmeasurement = \"m\"\ncodec = \"cjt188\"\n\n[[examples]]\nhex = \"{CJT188_REPLY}\"\nerror = \"checksum\"\n"),
             ":5:1: example 1: must fail with `checksum` but decoded to 1 reading(s)",
         ),
+        (
+            "wrong-identity.toml",
+            &format!(
+                "name = \"g\"\nmeasurement = \"m\"\ncodec = \"cjt188\"\n\n[[examples]]\nhex = \"{CJT188_REPLY}\"\nidentity = {{ device_id = \"1\" }}\nabsent = [\"status\"]\n"
+            ),
+            ":5:1: example 1, reading 0: identity device_id is 78330011223344, expected 1",
+        ),
+        (
+            "undeclared-field.toml",
+            "name = \"h\"\nmeasurement = \"m\"\ncodec = \"cjt188\"\n\n[fields.volume_l]\nunit = \"L\"\n",
+            ":5:1: [fields.volume_l] describes a field codec `cjt188` never produces",
+        ),
     ];
     for (file, text, _) in cases {
         std::fs::write(dir.0.join(file), text).expect("write");
@@ -166,16 +214,21 @@ fn profiles_check_names_file_and_line_of_every_problem() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for (file, _, want) in cases {
-        let line = stderr
-            .lines()
-            .find(|l| l.contains(file))
-            .unwrap_or_else(|| panic!("no error for {file} in:\n{stderr}"));
-        assert!(line.ends_with(want) || line.contains(want), "{file}: got `{line}`, want `{want}`");
+        let path = dir.0.join(file);
+        let expected = format!("{}{want}", path.display());
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&expected)),
+            "no line `{expected}` in:\n{stderr}"
+        );
     }
+    // Both problems of one file are reported, not just the first.
+    assert!(stderr.contains(
+        "wrong-identity.toml:5:1: example 1, reading 0: field `status` must be absent but is 33825"
+    ));
     // The good profile still loads next to the broken ones.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("1 profile(s) valid"), "{stdout}");
-    assert!(stdout.contains("6 file(s) with errors"), "{stdout}");
+    assert!(stdout.contains("8 file(s) with errors"), "{stdout}");
 }
 
 #[test]
@@ -183,10 +236,19 @@ fn print_config_is_the_parseable_default() {
     let out = run(&["print-config"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    let parsed = nbiot_gateway::config::Config::parse(Path::new("print-config"), &text, |_| None).expect("parses");
+    let parsed = nbiot_gateway::config::Config::parse(Path::new("print-config"), &text, |_| None)
+        .expect("parses");
     assert_eq!(parsed, nbiot_gateway::config::Config::default());
     // Every section of the design's config is documented, the optional ones commented out.
-    for section in ["[coap]", "[mqtt]", "[http]", "[store]", "# [influxdb]", "# [alertmanager]", "[profiles]"] {
+    for section in [
+        "[coap]",
+        "[mqtt]",
+        "[http]",
+        "[store]",
+        "# [influxdb]",
+        "# [alertmanager]",
+        "[profiles]",
+    ] {
         assert!(text.contains(section), "print-config lacks {section}");
     }
 }

@@ -49,7 +49,13 @@ fn read_input(arg: &str) -> anyhow::Result<Input> {
         .read_to_end(&mut buf)
         .context("cannot read the payload from stdin")?;
     let trimmed = buf.trim_ascii();
-    if hex::is_hex_text(&trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect::<Vec<_>>()) {
+    if hex::is_hex_text(
+        &trimmed
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect::<Vec<_>>(),
+    ) {
         if let Ok(bytes) = hex::decode(trimmed) {
             return Ok(Input::Bytes(bytes));
         }
@@ -75,7 +81,9 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         let report = profiles::load_dir(&args.profiles);
         let Some(profile) = report.set.get(name) else {
             if let Some(e) = report.errors.iter().find(|e| {
-                std::path::Path::new(&e.file).file_stem().is_some_and(|s| s == name)
+                std::path::Path::new(&e.file)
+                    .file_stem()
+                    .is_some_and(|s| s == name)
             }) {
                 bail!("profile `{name}` is invalid: {e}");
             }
@@ -83,7 +91,11 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             bail!(
                 "no profile `{name}` in {} (profiles: {})",
                 args.profiles.display(),
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             );
         };
         match input {

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "nbiot-gateway", version, about = "NB-IoT sensor ingestion gateway")]
+#[command(
+    name = "nbiot-gateway",
+    version,
+    about = "NB-IoT sensor ingestion gateway"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

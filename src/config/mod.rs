@@ -283,12 +283,14 @@ impl Config {
         if let Some(name) = missing.first() {
             return Err(ConfigError::Semantic {
                 path: path.to_owned(),
-                message: format!("environment variable `{name}` referenced as `${{{name}}}` is not set"),
+                message: format!(
+                    "environment variable `{name}` referenced as `${{{name}}}` is not set"
+                ),
             });
         }
         // Deserialize from the original text for line numbers; then overlay expanded values.
-        let config: Config = toml::from_str(text)
-            .map_err(|e| invalid(e.span(), e.message().trim().to_owned()))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_owned()))?;
         let config: Config = if text.contains("${") {
             toml::Value::Table(doc)
                 .try_into()
@@ -312,7 +314,10 @@ impl Config {
             ));
         }
         if !self.coap.path.contains("{device}") {
-            return Err(format!("[coap] path = \"{}\" must contain `{{device}}`", self.coap.path));
+            return Err(format!(
+                "[coap] path = \"{}\" must contain `{{device}}`",
+                self.coap.path
+            ));
         }
         for t in &self.mqtt.topics {
             if !t.contains("{device}") {
@@ -330,7 +335,10 @@ impl Config {
                 return Err("[influxdb] batch_size must be at least 1".to_owned());
             }
             if !(i.url.starts_with("http://") || i.url.starts_with("https://")) {
-                return Err(format!("[influxdb] url = \"{}\" must start with http:// or https://", i.url));
+                return Err(format!(
+                    "[influxdb] url = \"{}\" must start with http:// or https://",
+                    i.url
+                ));
             }
         }
         Ok(())
@@ -347,7 +355,11 @@ fn expand_env(
     }
 }
 
-fn expand_value(v: &mut toml::Value, env: &impl Fn(&str) -> Option<String>, missing: &mut Vec<String>) {
+fn expand_value(
+    v: &mut toml::Value,
+    env: &impl Fn(&str) -> Option<String>,
+    missing: &mut Vec<String>,
+) {
     match v {
         toml::Value::String(s) => {
             if let Some(name) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
@@ -375,18 +387,29 @@ mod tests {
 
     #[test]
     fn unknown_key_names_line_and_suggests() {
-        let err = Config::parse(Path::new("g.toml"), "[store]\npath = \"x\"\nretension = \"1d\"\n", |_| None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("g.toml:3:1: unknown field `retension`"), "{err}");
+        let err = Config::parse(
+            Path::new("g.toml"),
+            "[store]\npath = \"x\"\nretension = \"1d\"\n",
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("g.toml:3:1: unknown field `retension`"),
+            "{err}"
+        );
         assert!(err.contains("retention"), "{err}");
     }
 
     #[test]
     fn bad_duration_names_line() {
-        let err = Config::parse(Path::new("g.toml"), "[store]\ncommit_interval = \"soon\"\n", |_| None)
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            Path::new("g.toml"),
+            "[store]\ncommit_interval = \"soon\"\n",
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("g.toml:2:"), "{err}");
         assert!(err.contains("`soon` is not a duration"), "{err}");
     }
@@ -394,19 +417,28 @@ mod tests {
     #[test]
     fn secrets_come_from_the_environment() {
         let text = "[influxdb]\nurl = \"http://127.0.0.1:8086\"\norg = \"o\"\nbucket = \"b\"\ntoken = \"${INFLUX_TOKEN}\"\n";
-        let c = Config::parse(Path::new("g.toml"), text, |n| (n == "INFLUX_TOKEN").then(|| "s3cret".into())).unwrap();
+        let c = Config::parse(Path::new("g.toml"), text, |n| {
+            (n == "INFLUX_TOKEN").then(|| "s3cret".into())
+        })
+        .unwrap();
         let influx = c.influxdb.unwrap();
         assert_eq!(influx.token, "s3cret");
         assert!(!format!("{influx:?}").contains("s3cret"));
-        let err = Config::parse(Path::new("g.toml"), text, |_| None).unwrap_err().to_string();
+        let err = Config::parse(Path::new("g.toml"), text, |_| None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("INFLUX_TOKEN"), "{err}");
     }
 
     #[test]
     fn open_api_only_on_loopback() {
-        let err = Config::parse(Path::new("g.toml"), "[http]\nlisten = \"0.0.0.0:8080\"\n", |_| None)
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            Path::new("g.toml"),
+            "[http]\nlisten = \"0.0.0.0:8080\"\n",
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("tokens"), "{err}");
     }
 }

@@ -87,7 +87,10 @@ fn parse_duration(d: &mut Diag<'_>, v: &Spanned<String>, what: &str) -> Option<D
         Err(e) => {
             d.at(
                 Some(v.span()),
-                format!("{what} `{}` is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\"", v.get_ref()),
+                format!(
+                    "{what} `{}` is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\"",
+                    v.get_ref()
+                ),
             );
             None
         }
@@ -134,7 +137,10 @@ pub(crate) fn parse_and_validate(path: &Path, text: String) -> Result<Profile, V
         Some(v) => parse_utc_offset(v.get_ref()).unwrap_or_else(|| {
             d.at(
                 Some(v.span()),
-                format!("utc_offset `{}` must look like \"+08:00\", \"-05:30\" or \"Z\"", v.get_ref()),
+                format!(
+                    "utc_offset `{}` must look like \"+08:00\", \"-05:30\" or \"Z\"",
+                    v.get_ref()
+                ),
             );
             0
         }),
@@ -160,7 +166,11 @@ pub(crate) fn parse_and_validate(path: &Path, text: String) -> Result<Profile, V
         description: file.description.clone(),
         measurement: measurement.clone(),
         codec: decoder.id().to_owned(),
-        encoding: file.encoding.as_ref().map(|e| *e.get_ref()).unwrap_or_default(),
+        encoding: file
+            .encoding
+            .as_ref()
+            .map(|e| *e.get_ref())
+            .unwrap_or_default(),
         report_interval,
         utc_offset_s,
         fields,
@@ -176,6 +186,26 @@ pub(crate) fn parse_and_validate(path: &Path, text: String) -> Result<Profile, V
     let mut produced: BTreeSet<String> = BTreeSet::new();
     for (i, ex) in file.examples.iter().enumerate() {
         check_example(&mut d, &profile, i + 1, ex, &mut produced);
+    }
+
+    let declared: BTreeSet<String> = profile
+        .decoder
+        .field_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if !declared.is_empty() {
+        for (field, meta) in &file.fields {
+            if !declared.contains(field) {
+                d.at(
+                    Some(meta.span()),
+                    format!(
+                        "[fields.{field}] describes a field codec `{}` never produces",
+                        profile.codec
+                    ),
+                );
+            }
+        }
     }
 
     let mut known = profile.known_fields();
@@ -237,7 +267,10 @@ fn build_decoder(d: &mut Diag<'_>, file: &ProfileFile) -> Option<Arc<dyn Codec>>
                     None
                 }
                 Err(e) => {
-                    d.at(file.codec_options.as_ref().map(Spanned::span), e.to_string());
+                    d.at(
+                        file.codec_options.as_ref().map(Spanned::span),
+                        e.to_string(),
+                    );
                     None
                 }
             }
@@ -266,14 +299,20 @@ fn check_alert(
     let name = a.name.get_ref().clone();
     let before = d.errors.len();
     if !is_identifier(&name) {
-        d.at(Some(a.name.span()), format!("alert name `{name}` must be snake_case"));
+        d.at(
+            Some(a.name.span()),
+            format!("alert name `{name}` must be snake_case"),
+        );
     }
     let for_ = a.for_.as_ref().and_then(|v| parse_duration(d, v, "for"));
     let mut after = None;
     match a.kind {
         AlertKind::Expr => {
             if a.expr.is_none() {
-                d.at(Some(a.name.span()), format!("alert `{name}` needs an `expr` (or `kind = \"inactive\"`)"));
+                d.at(
+                    Some(a.name.span()),
+                    format!("alert `{name}` needs an `expr` (or `kind = \"inactive\"`)"),
+                );
             }
             if let Some(v) = &a.after {
                 d.at(Some(v.span()), "`after` belongs to `kind = \"inactive\"` rules; use `for` to delay a condition");
@@ -281,7 +320,10 @@ fn check_alert(
         }
         AlertKind::Inactive => {
             if let Some(v) = &a.expr {
-                d.at(Some(v.span()), "an inactive rule fires on silence and takes no `expr`");
+                d.at(
+                    Some(v.span()),
+                    "an inactive rule fires on silence and takes no `expr`",
+                );
             }
             match &a.after {
                 None => d.at(Some(a.name.span()), format!("inactive alert `{name}` needs `after` (\"3x\" report intervals, or a duration)")),
@@ -385,7 +427,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -412,7 +456,11 @@ fn check_example(
         if !DecodeError::CODES.contains(&code.get_ref().as_str()) {
             d.at(
                 Some(code.span()),
-                format!("example {n}: unknown error code `{}` (one of: {})", code.get_ref(), DecodeError::CODES.join(", ")),
+                format!(
+                    "example {n}: unknown error code `{}` (one of: {})",
+                    code.get_ref(),
+                    DecodeError::CODES.join(", ")
+                ),
             );
             return;
         }
@@ -420,11 +468,19 @@ fn check_example(
             Err(e) if e.code() == code.get_ref() => {}
             Err(e) => d.at(
                 Some(spec.span()),
-                format!("example {n}: must fail with `{}` but failed with `{}`: {e}", code.get_ref(), e.code()),
+                format!(
+                    "example {n}: must fail with `{}` but failed with `{}`: {e}",
+                    code.get_ref(),
+                    e.code()
+                ),
             ),
             Ok(r) => d.at(
                 Some(spec.span()),
-                format!("example {n}: must fail with `{}` but decoded to {} reading(s)", code.get_ref(), r.len()),
+                format!(
+                    "example {n}: must fail with `{}` but decoded to {} reading(s)",
+                    code.get_ref(),
+                    r.len()
+                ),
             ),
         }
         return;
@@ -432,22 +488,42 @@ fn check_example(
     let readings = match result {
         Ok(r) => r,
         Err(e) => {
-            d.at(Some(spec.span()), format!("example {n}: does not decode: {e}"));
+            d.at(
+                Some(spec.span()),
+                format!("example {n}: does not decode: {e}"),
+            );
             return;
         }
     };
-    produced.extend(readings.iter().flat_map(|r| r.fields.iter().map(|(k, _)| k.to_string())));
-    if let Some(fields) = &ex.fields {
+    produced.extend(
+        readings
+            .iter()
+            .flat_map(|r| r.fields.iter().map(|(k, _)| k.to_string())),
+    );
+    if ex.fields.is_some() || !ex.absent.is_empty() || ex.identity.is_some() {
+        let want = ExpectedReading {
+            time: None,
+            fields: ex.fields.clone().unwrap_or_default(),
+            absent: ex.absent.clone(),
+            identity: ex.identity.clone(),
+        };
         match readings.first() {
-            Some(r) => compare_fields(d, spec, n, 0, r, fields),
-            None => d.at(Some(spec.span()), format!("example {n}: decoded to no reading")),
+            Some(r) => compare_reading(d, spec, n, 0, r, &want),
+            None => d.at(
+                Some(spec.span()),
+                format!("example {n}: decoded to no reading"),
+            ),
         }
     }
     if let Some(expected) = &ex.readings {
         if expected.len() != readings.len() {
             d.at(
                 Some(spec.span()),
-                format!("example {n}: expected {} reading(s), decoded {}", expected.len(), readings.len()),
+                format!(
+                    "example {n}: expected {} reading(s), decoded {}",
+                    expected.len(),
+                    readings.len()
+                ),
             );
         }
         for (i, (want, got)) in expected.iter().zip(&readings).enumerate() {
@@ -467,16 +543,59 @@ fn compare_reading(
     if let Some(t) = &want.time {
         let got_t = got
             .time
-            .map(|t| serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_owned)))
+            .map(|t| {
+                serde_json::to_value(t)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+            })
             .unwrap_or_default();
         if got_t.as_deref() != Some(t.as_str()) {
             d.at(
                 Some(spec.span()),
-                format!("example {n}, reading {i}: time is {}, expected {t}", got_t.as_deref().unwrap_or("absent")),
+                format!(
+                    "example {n}, reading {i}: time is {}, expected {t}",
+                    got_t.as_deref().unwrap_or("absent")
+                ),
             );
         }
     }
     compare_fields(d, spec, n, i, got, &want.fields);
+    for k in &want.absent {
+        if let Some(v) = got.field(k) {
+            d.at(
+                Some(spec.span()),
+                format!(
+                    "example {n}, reading {i}: field `{k}` must be absent but is {}",
+                    show(v)
+                ),
+            );
+        }
+    }
+    if let Some(want_id) = &want.identity {
+        let got_id = got.identity.as_deref();
+        let got_dev = got_id.and_then(|i| i.device_id.as_deref());
+        let got_seq = got_id.and_then(|i| i.sequence);
+        if want_id.device_id.is_some() && want_id.device_id.as_deref() != got_dev {
+            d.at(
+                Some(spec.span()),
+                format!(
+                    "example {n}, reading {i}: identity device_id is {}, expected {}",
+                    got_dev.unwrap_or("absent"),
+                    want_id.device_id.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        if want_id.sequence.is_some() && want_id.sequence != got_seq {
+            d.at(
+                Some(spec.span()),
+                format!(
+                    "example {n}, reading {i}: identity sequence is {}, expected {}",
+                    got_seq.map_or("absent".to_owned(), |s| s.to_string()),
+                    want_id.sequence.unwrap_or_default()
+                ),
+            );
+        }
+    }
 }
 
 fn compare_fields(
@@ -491,11 +610,17 @@ fn compare_fields(
         match got.field(k) {
             None => d.at(
                 Some(spec.span()),
-                format!("example {n}, reading {i}: field `{k}` is missing (decoded: {})", field_list(got)),
+                format!(
+                    "example {n}, reading {i}: field `{k}` is missing (decoded: {})",
+                    field_list(got)
+                ),
             ),
             Some(actual) if !value_matches(actual, v) => d.at(
                 Some(spec.span()),
-                format!("example {n}, reading {i}: field `{k}` is {}, expected {v}", show(actual)),
+                format!(
+                    "example {n}, reading {i}: field `{k}` is {}, expected {v}",
+                    show(actual)
+                ),
             ),
             Some(_) => {}
         }
@@ -503,7 +628,11 @@ fn compare_fields(
 }
 
 fn field_list(r: &Reading) -> String {
-    r.fields.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+    r.fields
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn show(v: &Value) -> String {
@@ -542,7 +671,9 @@ mod tests {
             vec!["volume_m3", "button_event"]
         );
         assert_eq!(
-            referenced_fields("distance_m(latitude_deg, longitude_deg, $home_lat, $home_lon) > $radius_m"),
+            referenced_fields(
+                "distance_m(latitude_deg, longitude_deg, $home_lat, $home_lon) > $radius_m"
+            ),
             vec!["latitude_deg", "longitude_deg"]
         );
     }

@@ -112,6 +112,11 @@ pub struct ExampleSpec {
     pub hex: Spanned<String>,
     /// Shorthand: fields the first reading must have (others may be present).
     pub fields: Option<toml::Table>,
+    /// Shorthand: fields the first reading must not have.
+    #[serde(default)]
+    pub absent: Vec<String>,
+    /// Shorthand: the identity of the first reading.
+    pub identity: Option<ExpectedIdentity>,
     /// The readings in order: their count must match, and each lists fields it must have.
     pub readings: Option<Vec<ExpectedReading>>,
     /// A negative example: the `DecodeError::code()` it must fail with.
@@ -125,4 +130,16 @@ pub struct ExpectedReading {
     pub time: Option<String>,
     #[serde(default)]
     pub fields: toml::Table,
+    /// Fields this reading must not have (a sentinel's "absent" value, a no-fix position).
+    #[serde(default)]
+    pub absent: Vec<String>,
+    /// The identity the payload carries (`{ device_id = "…", sequence = 42 }`).
+    pub identity: Option<ExpectedIdentity>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedIdentity {
+    pub device_id: Option<String>,
+    pub sequence: Option<u32>,
 }

@@ -1,0 +1,60 @@
+//! `GET /healthz` (the process answers) and `GET /readyz` (it can do its job: the store
+//! takes writes and profiles are loaded).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::ApiState;
+
+/// How long the store write probe may take before the gateway counts as not ready: a
+/// store that cannot commit a one-row write in this time cannot acknowledge uplinks either.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(super) async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// 200 when every check passes, else 503; the body lists each check either way:
+/// `{"status":"ready","checks":{"store":{"ok":true},"profiles":{"ok":true,"loaded":5}}}`.
+pub(super) async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Value>) {
+    let store = std::sync::Arc::clone(state.registry.store());
+    // On timeout the blocking probe keeps running and finishes on its own; it is one
+    // small write.
+    let probe = tokio::time::timeout(
+        STORE_PROBE_TIMEOUT,
+        tokio::task::spawn_blocking(move || store.probe_write()),
+    )
+    .await
+    .map_err(|_| format!("the store write probe took longer than {STORE_PROBE_TIMEOUT:?}"))
+    .and_then(|joined| joined.map_err(|e| format!("the store write probe failed: {e}")))
+    .and_then(|r| r.map_err(|e| format!("the store does not take writes: {e}")));
+    let store_check = match &probe {
+        Ok(()) => json!({ "ok": true }),
+        Err(e) => json!({ "ok": false, "error": e }),
+    };
+    let loaded = state.registry.profiles().current().len();
+    let profiles_ok = loaded > 0;
+    let profiles_check = if profiles_ok {
+        json!({ "ok": true, "loaded": loaded })
+    } else {
+        json!({ "ok": false, "loaded": 0, "error": "no device profile is loaded" })
+    };
+    let ready = probe.is_ok() && profiles_ok;
+    if !ready {
+        tracing::debug!(store = %store_check, profiles = %profiles_check, "Not ready.");
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": { "store": store_check, "profiles": profiles_check },
+    });
+    (status, Json(body))
+}

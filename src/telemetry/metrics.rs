@@ -1,0 +1,156 @@
+//! Every metric the gateway exports: names, help text and label sets, in one place.
+//!
+//! Names follow Prometheus conventions (`nbiot_` prefix, base units, `_total` for counters).
+//! Label values come from closed sets (protocol, profile, codec, rule, severity, reason,
+//! stage, code) — never a device id, IMEI, topic or peer address. Hot paths create their
+//! handles once (`metrics::counter!(NAME, labels)` returns a handle to keep), not per event.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const UPLINKS_RECEIVED: &str = "nbiot_uplinks_received_total";
+pub const UPLINKS_REJECTED: &str = "nbiot_uplinks_rejected_total";
+pub const UPLINKS_DUPLICATE: &str = "nbiot_uplinks_duplicate_total";
+pub const DATAGRAMS_DROPPED: &str = "nbiot_datagrams_dropped_total";
+pub const DECODE_ERRORS: &str = "nbiot_decode_errors_total";
+pub const READINGS_STORED: &str = "nbiot_readings_stored_total";
+pub const UPLINKS_STORED: &str = "nbiot_uplinks_stored_total";
+pub const STORE_COMMIT_DURATION: &str = "nbiot_store_commit_duration_seconds";
+pub const STORE_COMMIT_BATCH: &str = "nbiot_store_commit_batch_uplinks";
+pub const DECODE_DURATION: &str = "nbiot_decode_duration_seconds";
+pub const INGEST_DURATION: &str = "nbiot_ingest_duration_seconds";
+pub const PIPELINE_QUEUE: &str = "nbiot_pipeline_queue_uplinks";
+pub const SEQUENCE_GAPS: &str = "nbiot_sequence_gaps_total";
+pub const FORWARD_POINTS: &str = "nbiot_forward_points_total";
+pub const FORWARD_BACKLOG: &str = "nbiot_forward_backlog_points";
+pub const ALERTS_FIRING: &str = "nbiot_alerts_firing";
+pub const ALERT_TRANSITIONS: &str = "nbiot_alert_transitions_total";
+pub const DEVICES_REGISTERED: &str = "nbiot_devices_registered";
+pub const DEVICES_SILENT: &str = "nbiot_devices_silent";
+
+/// Values of the `reason` label of [`UPLINKS_REJECTED`].
+pub mod reason {
+    pub const UNKNOWN_DEVICE: &str = "unknown_device";
+    pub const BAD_TOKEN: &str = "bad_token";
+    pub const NO_PROFILE: &str = "no_profile";
+    pub const OVERLOADED: &str = "overloaded";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const TOO_LARGE: &str = "too_large";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const METHOD: &str = "method_not_allowed";
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+}
+
+/// Registers help text and units for every metric (call once at start).
+pub fn describe() {
+    describe_counter!(UPLINKS_RECEIVED, "Uplinks received, by protocol.");
+    describe_counter!(
+        UPLINKS_REJECTED,
+        "Uplinks refused without being stored, by protocol and reason."
+    );
+    describe_counter!(
+        UPLINKS_DUPLICATE,
+        "Retransmitted uplinks recognised and not processed again, by protocol."
+    );
+    describe_counter!(
+        DATAGRAMS_DROPPED,
+        "UDP datagrams dropped unanswered (not CoAP, truncated), by reason."
+    );
+    describe_counter!(
+        DECODE_ERRORS,
+        "Uplinks stored raw because their payload did not decode, by profile and error code."
+    );
+    describe_counter!(
+        READINGS_STORED,
+        "Decoded readings committed to the store, by profile."
+    );
+    describe_counter!(
+        UPLINKS_STORED,
+        "Uplinks committed to the store (decoded or raw), by protocol."
+    );
+    describe_histogram!(
+        STORE_COMMIT_DURATION,
+        Unit::Seconds,
+        "Duration of one group commit to the store."
+    );
+    describe_histogram!(STORE_COMMIT_BATCH, Unit::Count, "Uplinks per group commit.");
+    describe_histogram!(
+        DECODE_DURATION,
+        Unit::Seconds,
+        "Payload decode duration, by codec."
+    );
+    describe_histogram!(
+        INGEST_DURATION,
+        Unit::Seconds,
+        "Time from receipt to durable commit, by protocol."
+    );
+    describe_gauge!(
+        PIPELINE_QUEUE,
+        Unit::Count,
+        "Uplinks queued in the pipeline awaiting processing."
+    );
+    describe_counter!(
+        SEQUENCE_GAPS,
+        "Frames missing according to device frame counters, by profile."
+    );
+    describe_counter!(FORWARD_POINTS, "Points forwarded to the TSDB, by result.");
+    describe_gauge!(
+        FORWARD_BACKLOG,
+        Unit::Count,
+        "Committed points not yet forwarded to the TSDB."
+    );
+    describe_gauge!(
+        ALERTS_FIRING,
+        Unit::Count,
+        "Alerts currently firing, by profile, rule and severity."
+    );
+    describe_counter!(
+        ALERT_TRANSITIONS,
+        "Alert state transitions, by profile, rule and state."
+    );
+    describe_gauge!(
+        DEVICES_REGISTERED,
+        Unit::Count,
+        "Registered devices, by profile."
+    );
+    describe_gauge!(
+        DEVICES_SILENT,
+        Unit::Count,
+        "Registered devices past their offline threshold, by profile."
+    );
+}
+
+/// Installs the Prometheus recorder and returns the handle `/metrics` renders from.
+/// Histogram buckets are chosen per metric for its range.
+pub fn install(
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError>
+{
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        // Group commits: tens of microseconds (no fsync) to a slow disk's hundreds of ms.
+        .set_buckets_for_metric(
+            Matcher::Full(STORE_COMMIT_DURATION.to_owned()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(STORE_COMMIT_BATCH.to_owned()),
+            &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+        )?
+        // Decodes: hundreds of nanoseconds to a pathological few hundred microseconds.
+        .set_buckets_for_metric(
+            Matcher::Full(DECODE_DURATION.to_owned()),
+            &[1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 1e-5, 1e-4, 1e-3],
+        )?
+        // Receipt to commit: the group-commit interval dominates (5 ms default).
+        .set_buckets_for_metric(
+            Matcher::Full(INGEST_DURATION.to_owned()),
+            &[
+                0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
