@@ -100,5 +100,9 @@ proptest! {
 #[test]
 fn every_seed_is_checked() {
     // Guards the test above against an empty seed list making it vacuous.
-    assert!(seeds().len() >= 40, "expected the published vectors, got {}", seeds().len());
+    assert!(
+        seeds().len() >= 40,
+        "expected the published vectors, got {}",
+        seeds().len()
+    );
 }
