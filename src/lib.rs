@@ -23,5 +23,6 @@ pub mod pipeline;
 pub mod profiles;
 pub mod registry;
 pub mod run;
+pub mod sources;
 pub mod store;
 pub mod telemetry;

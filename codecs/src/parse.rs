@@ -152,7 +152,9 @@ pub fn bcd_to_u64(bytes: impl IntoIterator<Item = u8>) -> Option<u64> {
         if hi > 9 || lo > 9 {
             return None;
         }
-        v = v.checked_mul(100)?.checked_add(u64::from(hi) * 10 + u64::from(lo))?;
+        v = v
+            .checked_mul(100)?
+            .checked_add(u64::from(hi) * 10 + u64::from(lo))?;
     }
     Some(v)
 }

@@ -204,7 +204,10 @@ impl Reading {
     }
 
     pub fn field(&self, name: &str) -> Option<&Value> {
-        self.fields.iter().find(|(n, _)| n.as_str() == name).map(|(_, v)| v)
+        self.fields
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| v)
     }
 }
 

@@ -47,7 +47,12 @@ pub fn from_civil(y: i64, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> Option<i6
     {
         return None;
     }
-    Some(days_from_civil(y, mo, d) * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(s))
+    Some(
+        days_from_civil(y, mo, d) * 86_400
+            + i64::from(h) * 3600
+            + i64::from(mi) * 60
+            + i64::from(s),
+    )
 }
 
 /// `2026-11-21T08:00:00Z` (with `utc`) or `2026-11-21T08:00:00` (a zoneless wall clock).

@@ -20,7 +20,11 @@ pub(crate) fn deny_unknown_options(
             key: key.clone(),
             reason: format!(
                 "unknown option (known: {})",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ),
         }),
         None => Ok(()),
