@@ -34,7 +34,7 @@ use thiserror::Error;
 
 pub use auth::Auth;
 pub use error::ApiError;
-pub use profiles::{ReloadFn, ReloadOutcome};
+pub use profiles::{reload_profiles, ReloadFn, ReloadOutcome};
 
 use crate::config::TokenConfig;
 use crate::profiles::LoadReport;

@@ -159,13 +159,10 @@ fn hex_member(payload: &[u8]) -> Result<String, ApiError> {
     }
 }
 
-/// Reloads the profiles directory and merges the result into the profiles in force.
-/// 200 with the outcome when every file loaded; 422 with the same outcome as `detail`
-/// when some failed (the rest is applied either way).
-pub(super) async fn reload(
-    _: CanAdmin,
-    State(state): State<ApiState>,
-) -> Result<Json<ReloadOutcome>, ApiError> {
+/// Reloads the profiles directory with the state's reload callback and merges the result
+/// into the profiles in force. One reload at a time: SIGHUP and the API share this path, so
+/// two reloads never merge against the same old set.
+pub async fn reload_profiles(state: &ApiState) -> Result<ReloadOutcome, ApiError> {
     let reload = state.reload.clone().ok_or(ApiError::ReloadUnavailable)?;
     let _one_at_a_time = state.reload_lock.lock().await;
     let report = tokio::task::spawn_blocking(move || reload())
@@ -205,6 +202,17 @@ pub(super) async fn reload(
         errors = outcome.errors.len(),
         "Reloaded device profiles."
     );
+    Ok(outcome)
+}
+
+/// `POST /api/v1/profiles/reload`: [`reload_profiles`];
+/// 200 with the outcome when every file loaded; 422 with the same outcome as `detail`
+/// when some failed (the rest is applied either way).
+pub(super) async fn reload(
+    _: CanAdmin,
+    State(state): State<ApiState>,
+) -> Result<Json<ReloadOutcome>, ApiError> {
+    let outcome = reload_profiles(&state).await?;
     if outcome.errors.is_empty() {
         Ok(Json(outcome))
     } else {
