@@ -26,6 +26,11 @@ pub const ALERTS_FIRING: &str = "nbiot_alerts_firing";
 pub const ALERT_TRANSITIONS: &str = "nbiot_alert_transitions_total";
 pub const DEVICES_REGISTERED: &str = "nbiot_devices_registered";
 pub const DEVICES_SILENT: &str = "nbiot_devices_silent";
+/// Rows deleted by retention, by `table` (`uplinks` | `readings`).
+pub const STORE_PRUNED: &str = "nbiot_store_pruned_rows_total";
+pub const MQTT_CONNECTED: &str = "nbiot_mqtt_connected";
+pub const MQTT_RECONNECTS: &str = "nbiot_mqtt_reconnects_total";
+pub const MQTT_INFLIGHT: &str = "nbiot_mqtt_inflight_messages";
 
 /// Values of the `reason` label of [`UPLINKS_REJECTED`].
 pub mod reason {
@@ -39,6 +44,12 @@ pub mod reason {
     pub const NOT_FOUND: &str = "not_found";
     pub const METHOD: &str = "method_not_allowed";
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// An MQTT message whose topic matches no configured topic template.
+    pub const UNMATCHED_TOPIC: &str = "unmatched_topic";
+    /// CoAP 4.15: a Content-Format other than application/octet-stream.
+    pub const UNSUPPORTED_FORMAT: &str = "unsupported_content_format";
+    /// CoAP 4.08: a Block1 upload with a block missing or out of order.
+    pub const INCOMPLETE: &str = "incomplete";
 }
 
 /// Registers help text and units for every metric (call once at start).
@@ -118,6 +129,23 @@ pub fn describe() {
         Unit::Count,
         "Registered devices past their offline threshold, by profile."
     );
+    describe_counter!(
+        STORE_PRUNED,
+        "Rows deleted by retention (older than [store] retention), by table."
+    );
+    describe_gauge!(
+        MQTT_CONNECTED,
+        "1 while the MQTT source is connected to its broker, else 0."
+    );
+    describe_counter!(
+        MQTT_RECONNECTS,
+        "Connections to the MQTT broker after the first (after a lost connection or a pause)."
+    );
+    describe_gauge!(
+        MQTT_INFLIGHT,
+        Unit::Count,
+        "MQTT messages received and not yet acknowledged or handed to the pipeline."
+    );
 }
 
 /// Installs the Prometheus recorder and returns the handle `/metrics` renders from.
@@ -153,4 +181,15 @@ pub fn install(
         .install_recorder()?;
     describe();
     Ok(handle)
+}
+
+/// Values of the `reason` label of [`DATAGRAMS_DROPPED`].
+pub mod drop_reason {
+    /// Not a CoAP message: unparsable, version other than 1, a reserved code class, a
+    /// malformed empty message.
+    pub const NOT_COAP: &str = "not_coap";
+    /// Valid CoAP that a server is never sent: ACK, RST, a response, an empty NON.
+    pub const UNEXPECTED: &str = "unexpected";
+    /// Filled the receive buffer, so possibly cut short by the OS (NON; a CON gets 4.13).
+    pub const TRUNCATED: &str = "truncated";
 }
