@@ -1,10 +1,12 @@
-//! The HTTP API (axum): health and readiness, profiles (list, show, test-decode, reload)
-//! and the device registry (CRUD, filtered list, CSV import).
+//! The HTTP API (axum): health and readiness, profiles (list, show, test-decode, reload),
+//! the device registry (CRUD, filtered list, CSV import) and each device's data (latest
+//! state, readings over time).
 //!
 //! This module owns routing, authentication ([`auth`]), request parsing, body limits and
 //! the JSON error format ([`ApiError`]). It owns no state of its own: everything lives in
 //! the [`Registry`], the [`Store`](crate::store::Store) and the
-//! [`SharedProfiles`](crate::profiles::SharedProfiles) that [`ApiState`] points at.
+//! [`SharedProfiles`](crate::profiles::SharedProfiles) that [`ApiState`] points at, plus the
+//! read-only connections device data is queried through.
 //!
 //! | Route | Role |
 //! |---|---|
@@ -14,12 +16,14 @@
 //! | `POST /api/v1/profiles/reload` | admin |
 //! | `GET /api/v1/devices`, `GET /api/v1/devices/{id}` | read |
 //! | `PUT`/`DELETE /api/v1/devices/{id}`, `POST /api/v1/devices/import` | admin |
+//! | `GET /api/v1/devices/{id}/latest`, `GET /api/v1/devices/{id}/readings` | read |
 
 pub mod auth;
 mod devices;
 mod error;
 mod health;
 mod profiles;
+pub mod readings;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,6 +43,7 @@ pub use profiles::{reload_profiles, ReloadFn, ReloadOutcome};
 use crate::config::TokenConfig;
 use crate::profiles::LoadReport;
 use crate::registry::Registry;
+use crate::store::query::ReadPool;
 
 /// Body limits per route. CSV import carries whole fleets (100k devices is ~5 MiB);
 /// a test payload is at most a few hundred bytes; a device is a small JSON object.
@@ -63,17 +68,34 @@ pub struct ApiState {
     reload: Option<ReloadFn>,
     /// Serializes reloads: two at once would merge against the same old set.
     reload_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Read-only connections for device data (`readings`), apart from the registry's.
+    reads: Arc<ReadPool>,
+    /// Renders `GET /metrics`; None when no recorder is installed (tests, or a second
+    /// gateway in one process).
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl ApiState {
     /// The store and profiles are the registry's.
     pub fn new(registry: Registry, tokens: &[TokenConfig]) -> ApiState {
+        let reads = Arc::new(ReadPool::new(registry.store().path()));
         ApiState {
             registry,
             auth: Arc::new(Auth::new(tokens)),
             reload: None,
             reload_lock: Arc::default(),
+            reads,
+            metrics: None,
         }
+    }
+
+    /// Serve `GET /metrics` from this Prometheus recorder.
+    pub fn with_metrics(
+        mut self,
+        handle: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> ApiState {
+        self.metrics = Some(handle);
+        self
     }
 
     /// What `POST /api/v1/profiles/reload` runs (on the blocking pool): typically
@@ -145,6 +167,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/profiles", get(profiles::list))
         // Static segments win over `{name}`: a profile called "reload" is still readable.
         .route(
@@ -176,9 +199,38 @@ pub fn router(state: ApiState) -> Router {
                 .delete(devices::delete)
                 .layer(DefaultBodyLimit::max(DEVICE_BODY_LIMIT)),
         )
+        .route("/api/v1/devices/{id}/latest", get(readings::latest))
+        .route("/api/v1/devices/{id}/readings", get(readings::readings))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus text exposition (open, like the health endpoints: it names
+/// no device). Gauges that mirror state are refreshed here, at scrape time.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(handle) = &state.metrics else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process\n",
+        )
+            .into_response();
+    };
+    for (profile, n) in state.registry.count_by_profile() {
+        ::metrics::gauge!(crate::telemetry::metrics::DEVICES_REGISTERED, "profile" => profile)
+            .set(n as f64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

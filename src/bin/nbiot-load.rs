@@ -91,6 +91,9 @@ struct Args {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Retransmissions of an unanswered CON before giving up (RFC 7252 MAX_RETRANSMIT).
+    #[arg(long, default_value_t = MAX_RETRANSMIT)]
+    max_retransmit: u32,
 }
 
 /// A 15-digit IMEI: TAC 86000000, a 6-digit serial, and its Luhn check digit.
@@ -135,6 +138,7 @@ struct Totals {
     acked: u64,
     retransmissions: u64,
     timeouts: u64,
+    send_errors: u64,
     codes: HashMap<String, u64>,
     /// (device, sequence) of every uplink answered 2.04.
     committed: Vec<(u32, u16)>,
@@ -219,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
             imeis: Arc::clone(&imeis),
             devices: u64::from(args.devices),
             first_sequence: args.first_sequence,
+            max_retransmit: args.max_retransmit,
             histogram: Arc::clone(&histogram),
             totals: Arc::clone(&totals),
         };
@@ -246,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
         "codes": totals.codes,
         "retransmissions": totals.retransmissions,
         "timeouts": totals.timeouts,
+        "send_errors": totals.send_errors,
         "seconds": elapsed,
         "acked_per_second": totals.acked as f64 / elapsed,
         "sockets": sockets,
@@ -279,6 +285,7 @@ struct SocketCtx {
     imeis: Arc<Vec<String>>,
     devices: u64,
     first_sequence: u16,
+    max_retransmit: u32,
     histogram: Arc<Mutex<Histogram<u64>>>,
     totals: Arc<Mutex<Totals>>,
 }
@@ -325,7 +332,11 @@ impl SocketCtx {
                 _ = ticker.tick(), if next < self.count => {
                     let uplink = self.index + next * self.sockets;
                     let (device, seq, datagram) = self.datagram(mid, uplink);
-                    self.socket.send(&datagram).await.context("send")?;
+                    // A refused send (ICMP port unreachable: the gateway is down) is like a
+                    // lost datagram: the CON stays pending and is retransmitted or given up.
+                    if self.socket.send(&datagram).await.is_err() {
+                        local.send_errors += 1;
+                    }
                     local.sent += 1;
                     if self.con {
                         let now = Instant::now();
@@ -358,13 +369,15 @@ impl SocketCtx {
                     for (id, req) in pending.iter_mut() {
                         let timeout = ACK_TIMEOUT * 2u32.pow(req.attempts);
                         if now.duration_since(req.last_sent) >= timeout {
-                            if req.attempts >= MAX_RETRANSMIT {
+                            if req.attempts >= self.max_retransmit {
                                 give_up.push(*id);
                             } else {
                                 req.attempts += 1;
                                 req.last_sent = now;
                                 local.retransmissions += 1;
-                                self.socket.send(&req.datagram).await.context("resend")?;
+                                if self.socket.send(&req.datagram).await.is_err() {
+                                    local.send_errors += 1;
+                                }
                             }
                         }
                     }
@@ -384,6 +397,7 @@ impl SocketCtx {
         t.acked += local.acked;
         t.retransmissions += local.retransmissions;
         t.timeouts += local.timeouts;
+        t.send_errors += local.send_errors;
         for (k, v) in local.codes {
             *t.codes.entry(k).or_default() += v;
         }

@@ -1,6 +1,5 @@
 //! The ingest pipeline: from an [`Uplink`] a source received to a durable commit and the
-//! acknowledgement the source sends back. (Contract written by the lead; the internals —
-//! sharding, decode, group commit — are being built behind it.)
+//! acknowledgement the source sends back.
 //!
 //! ```text
 //! source ──submit──▶ shard(device) ──▶ registry lookup → token → decode → per-device state
@@ -14,12 +13,48 @@
 //! Every queue is bounded. `submit` never waits: a full shard queue is an immediate
 //! [`SubmitError::Overloaded`], which the source turns into a reply the device can act on
 //! (CoAP 5.03 + Max-Age; MQTT: no PUBACK, so the broker redelivers).
+//!
+//! # Layout
+//!
+//! - this file: the contract with the sources ([`Uplink`], [`Outcome`], [`Reject`],
+//!   [`PipelineHandle`]) and the running [`Pipeline`] (start, retention on demand, shutdown
+//!   in flow order);
+//! - `shard`: one task per shard — lookup, token, profile, decode, reading times, frame
+//!   counters; answers what is not committed;
+//! - [`state`]: per-device frame-counter state and the gap/reset/wrap rules;
+//! - `writer`: the group-commit writer thread, its bounded queue, the acknowledgements;
+//! - `retention`: the periodic deletion of expired rows, through the writer.
+//!
+//! The SQL is in [`crate::store::ingest`]; the schema in `migrations/0002_ingest.sql`.
+//!
+//! # The guarantee
+//!
+//! An outcome other than `Rejected` is sent only after the transaction holding the uplink
+//! has committed with `synchronous = FULL`: when a device sees its ACK, the uplink survives
+//! a crash, a `kill -9` or a power cut. Per device, uplinks are committed and answered in
+//! the order they were submitted.
+
+mod retention;
+mod shard;
+pub mod state;
+mod writer;
+
+pub use shard::{
+    reading_time, EARLIEST_DEVICE_TIME_S, MAX_DEVICE_TIME_AHEAD_S, MAX_DEVICE_TIME_BEHIND_S,
+};
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StoreConfig;
+use crate::registry::Registry;
+use crate::store::ingest::{self, Pruned};
+use crate::store::StoreError;
 
 /// How an uplink arrived (a closed set: it is a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,6 +148,9 @@ pub enum SubmitError {
 pub struct PipelineHandle {
     shards: std::sync::Arc<[tokio::sync::mpsc::Sender<Uplink>]>,
     retry_after: Duration,
+    /// Per shard: devices whose retransmission a source recognised ([`Self::note_duplicate`]).
+    /// None for a handle built by [`Self::from_shards`].
+    notes: Option<std::sync::Arc<[tokio::sync::mpsc::Sender<String>]>>,
 }
 
 impl PipelineHandle {
@@ -126,6 +164,7 @@ impl PipelineHandle {
         PipelineHandle {
             shards: shards.into(),
             retry_after,
+            notes: None,
         }
     }
 
@@ -159,5 +198,333 @@ impl PipelineHandle {
     pub async fn submit_wait(&self, uplink: Uplink) -> Result<(), SubmitError> {
         let shard = &self.shards[self.shard_of(&uplink.device)];
         shard.send(uplink).await.map_err(|_| SubmitError::Closed)
+    }
+
+    /// Tells the pipeline that a source recognised a retransmission from `device` and did
+    /// not submit it again; it is counted in the device's state (`duplicates` in
+    /// `GET /api/v1/devices/{id}/latest`). The source still counts
+    /// `nbiot_uplinks_duplicate_total` itself. Never waits: under overload (the shard's note
+    /// queue full) or after shutdown the note is dropped — it is a statistic, not data.
+    /// Unregistered devices are ignored.
+    pub fn note_duplicate(&self, device: &str) {
+        let Some(notes) = &self.notes else { return };
+        if let Some(tx) = notes.get(self.shard_of(device)) {
+            let _ = tx.try_send(device.to_owned());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The pipeline itself
+// ---------------------------------------------------------------------------------------
+
+/// Wall-clock "now" in milliseconds since the Unix epoch, injectable for tests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(writer::now_ms)
+}
+
+/// How the pipeline is sized and timed. [`PipelineConfig::new`] takes the `[store]` keys;
+/// the rest are defaults an operator has had no reason to change yet (no config keys).
+#[derive(Clone)]
+pub struct PipelineConfig {
+    /// Shard tasks. Default: one per core (`available_parallelism`).
+    pub shards: usize,
+    /// Uplinks queued per shard before `submit` answers `Overloaded`. Default 1024.
+    pub shard_queue: usize,
+    /// Jobs queued for the writer before the shards wait. Default 4096.
+    pub writer_queue: usize,
+    /// Uplinks per group commit at most. Default 1000.
+    pub max_batch: usize,
+    /// How long a group commit waits for more uplinks after the first (`[store]
+    /// commit_interval`, default 5 ms).
+    pub commit_interval: Duration,
+    /// How long the writer waits for SQLite's write lock (held e.g. by an operator's
+    /// `sqlite3` shell) before the batch fails as unavailable. Default 5 s.
+    pub busy_timeout: Duration,
+    /// Uplinks and readings older than this are deleted (`[store] retention`, default 30
+    /// days). Zero keeps everything.
+    pub retention: Duration,
+    /// How often retention runs (also once at start). Default 10 minutes.
+    pub retention_interval: Duration,
+    /// Uplinks deleted per retention transaction. Default 1000.
+    pub retention_batch: usize,
+    /// A forwarder reads readings behind `forward_cursor`: retention keeps what it has not
+    /// delivered. Default false.
+    pub forwarding: bool,
+    /// The Max-Age / retry hint of `SubmitError::Overloaded`. Default 5 s.
+    pub overload_retry_after: Duration,
+    /// The retry hint of `Reject::Unavailable` when a commit fails. Default 30 s.
+    pub unavailable_retry_after: Duration,
+    /// "Now" for retention. Default: the system clock.
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for PipelineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineConfig")
+            .field("shards", &self.shards)
+            .field("shard_queue", &self.shard_queue)
+            .field("writer_queue", &self.writer_queue)
+            .field("max_batch", &self.max_batch)
+            .field("commit_interval", &self.commit_interval)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("retention", &self.retention)
+            .field("retention_interval", &self.retention_interval)
+            .field("retention_batch", &self.retention_batch)
+            .field("forwarding", &self.forwarding)
+            .field("overload_retry_after", &self.overload_retry_after)
+            .field("unavailable_retry_after", &self.unavailable_retry_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig::new(&StoreConfig::default())
+    }
+}
+
+impl PipelineConfig {
+    /// The defaults, with `commit_interval` and `retention` from `[store]`.
+    pub fn new(store: &StoreConfig) -> PipelineConfig {
+        PipelineConfig {
+            shards: std::thread::available_parallelism().map_or(1, usize::from),
+            shard_queue: 1024,
+            writer_queue: 4096,
+            max_batch: 1000,
+            commit_interval: store.commit_interval,
+            busy_timeout: Duration::from_secs(5),
+            retention: store.retention,
+            retention_interval: Duration::from_secs(600),
+            retention_batch: 1000,
+            forwarding: false,
+            overload_retry_after: Duration::from_secs(5),
+            unavailable_retry_after: Duration::from_secs(30),
+            clock: system_clock(),
+        }
+    }
+}
+
+/// Why the pipeline could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    #[error("cannot start the store writer thread: {0}")]
+    Spawn(std::io::Error),
+
+    #[error("the store writer thread has stopped")]
+    WriterStopped,
+
+    #[error("a pipeline task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The running pipeline: shards, the group-commit writer thread, the retention task.
+///
+/// ```ignore
+/// let pipeline = Pipeline::start(PipelineConfig::new(&config.store), registry.clone()).await?;
+/// let handle = pipeline.handle();       // to the sources
+/// // … sources run; on shutdown they stop first, then:
+/// pipeline.shutdown().await?;           // drain shards, commit and answer everything, stop
+/// ```
+///
+/// Dropping it without `shutdown` also stops the shards (they drain their queues and the
+/// writer commits what they hand it), but nothing waits for that.
+pub struct Pipeline {
+    handle: PipelineHandle,
+    stop: CancellationToken,
+    shards: Vec<tokio::task::JoinHandle<()>>,
+    retention_task: Option<tokio::task::JoinHandle<()>>,
+    /// The pipeline's own sender (for `prune_expired`); dropped at shutdown.
+    writer_queue: Option<writer::WriterQueue>,
+    writer: Option<std::thread::JoinHandle<writer::WriterStats>>,
+    retention: Duration,
+    retention_batch: usize,
+    forwarding: bool,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Opens the writer's connection to the registry's store file, loads every device's
+    /// last frame counter, and starts the writer thread, the shards and (unless retention
+    /// is zero) the retention task. Call it inside a tokio runtime, after the registry.
+    pub async fn start(
+        config: PipelineConfig,
+        registry: Registry,
+    ) -> Result<Pipeline, PipelineError> {
+        let n = config.shards.max(1);
+        let mut shard_tx = Vec::with_capacity(n);
+        let mut shard_rx = Vec::with_capacity(n);
+        let mut note_tx = Vec::with_capacity(n);
+        let mut note_rx = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = tokio::sync::mpsc::channel(config.shard_queue.max(1));
+            shard_tx.push(tx);
+            shard_rx.push(rx);
+            let (tx, rx) = tokio::sync::mpsc::channel(config.shard_queue.max(1));
+            note_tx.push(tx);
+            note_rx.push(rx);
+        }
+        let mut handle = PipelineHandle::from_shards(shard_tx, config.overload_retry_after);
+        handle.notes = Some(note_tx.into());
+
+        let path = registry.store().path().to_owned();
+        let busy_timeout = config.busy_timeout;
+        let (conn, last_sequences) = tokio::task::spawn_blocking(move || {
+            let conn = ingest::open_writer(&path, busy_timeout)?;
+            let seqs = ingest::load_sequences(&conn)?;
+            Ok::<_, StoreError>((conn, seqs))
+        })
+        .await
+        .map_err(StoreError::from)??;
+        let mut sequences: Vec<state::Sequences> = (0..n).map(|_| Default::default()).collect();
+        let devices_with_counter = last_sequences.len();
+        for (device, seq) in last_sequences {
+            if let Some(s) = sequences.get_mut(handle.shard_of(&device)) {
+                s.insert(device, seq);
+            }
+        }
+
+        let (queue, rx) = writer::queue(config.writer_queue);
+        let depth = Arc::new(writer::QueueDepth::new(n));
+        let writer = writer::spawn(
+            conn,
+            rx,
+            &queue,
+            writer::WriterConfig {
+                commit_interval: config.commit_interval,
+                max_batch: config.max_batch,
+                unavailable_retry_after: config.unavailable_retry_after,
+            },
+            Arc::clone(&depth),
+        )
+        .map_err(PipelineError::Spawn)?;
+
+        let stop = CancellationToken::new();
+        let shards = shard_rx
+            .into_iter()
+            .zip(note_rx)
+            .zip(sequences)
+            .enumerate()
+            .map(|(index, ((uplinks, notes), sequences))| {
+                let shard = shard::Shard {
+                    index,
+                    registry: registry.clone(),
+                    writer: queue.clone(),
+                    sequences,
+                    depth: Arc::clone(&depth),
+                    unavailable_retry_after: config.unavailable_retry_after,
+                };
+                tokio::spawn(shard.run(uplinks, notes, stop.clone()))
+            })
+            .collect();
+
+        let retention_task = (!config.retention.is_zero()).then(|| {
+            tokio::spawn(retention::run(
+                queue.clone(),
+                retention::Retention {
+                    keep: config.retention,
+                    interval: config.retention_interval,
+                    batch: config.retention_batch,
+                    forwarding: config.forwarding,
+                    clock: Arc::clone(&config.clock),
+                },
+                stop.clone(),
+            ))
+        });
+
+        tracing::info!(
+            shards = n,
+            commit_interval = ?config.commit_interval,
+            max_batch = config.max_batch,
+            retention = %humantime::format_duration(config.retention),
+            devices_with_counter,
+            "Pipeline started."
+        );
+        Ok(Pipeline {
+            handle,
+            stop,
+            shards,
+            retention_task,
+            writer_queue: Some(queue),
+            writer: Some(writer),
+            retention: config.retention,
+            retention_batch: config.retention_batch,
+            forwarding: config.forwarding,
+        })
+    }
+
+    /// The handle sources submit uplinks through.
+    pub fn handle(&self) -> PipelineHandle {
+        self.handle.clone()
+    }
+
+    /// Runs retention now as if the clock said `now_ms`: deletes the uplinks received
+    /// before `now_ms - retention` and their readings, batch by batch through the writer.
+    /// The periodic task does the same with the configured clock; this is for tests and
+    /// tools. With zero retention it deletes nothing.
+    pub async fn prune_expired(&self, now_ms: i64) -> Result<Pruned, PipelineError> {
+        if self.retention.is_zero() {
+            return Ok(Pruned::default());
+        }
+        let queue = self
+            .writer_queue
+            .as_ref()
+            .ok_or(PipelineError::WriterStopped)?;
+        let keep_ms = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff_ms = now_ms.saturating_sub(keep_ms);
+        retention::prune_until_done(
+            queue,
+            cutoff_ms,
+            self.retention_batch,
+            self.forwarding,
+            None,
+        )
+        .await
+    }
+
+    /// Stops in flow order (call it after the sources have stopped): shards refuse new
+    /// uplinks and drain their queues, the retention task stops, the writer commits and
+    /// answers everything it was handed, and its thread ends. Nothing accepted is dropped.
+    pub async fn shutdown(mut self) -> Result<(), PipelineError> {
+        self.stop.cancel();
+        if let Some(r) = self.retention_task.take() {
+            r.await?;
+        }
+        for s in std::mem::take(&mut self.shards) {
+            s.await?;
+        }
+        // The last sender: the writer now drains its queue and ends.
+        self.writer_queue = None;
+        if let Some(w) = self.writer.take() {
+            let stats = tokio::task::spawn_blocking(move || w.join())
+                .await?
+                .map_err(|_| PipelineError::WriterStopped)?;
+            tracing::info!(
+                commits = stats.commits,
+                uplinks = stats.uplinks,
+                failed_batches = stats.failed_batches,
+                "Pipeline stopped."
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

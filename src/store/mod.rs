@@ -3,9 +3,10 @@
 //!
 //! This module owns opening the file, the pragmas, the migrations (`migrations/NNNN_*.sql`,
 //! embedded at build time and applied in order in one transaction, tracked by
-//! `PRAGMA user_version`) and a write probe for readiness. It does not own any table's
-//! queries: the registry (and later the ingest path) bring their own SQL and run it through
-//! [`Store::call`].
+//! `PRAGMA user_version`) and a write probe for readiness. It does not own the registry's
+//! queries (the registry brings its own SQL and runs it through [`Store::call`]); the ingest
+//! path's SQL lives here, in [`ingest`] (what the pipeline's writer thread runs on its own
+//! connection) and [`query`] (what the HTTP API reads, on read-only connections).
 //!
 //! # Durability
 //!
@@ -20,6 +21,9 @@
 //! statement here is short; blocking work runs on tokio's blocking pool via [`Store::call`],
 //! never on an async worker thread.
 
+pub mod ingest;
+pub mod query;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,11 +33,18 @@ use thiserror::Error;
 
 /// The schema migrations, in order. Entry `i` brings the schema to version `i + 1`.
 /// Append only: a migration that has shipped is never edited.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_registry",
-    sql: include_str!("../../migrations/0001_registry.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_registry",
+        sql: include_str!("../../migrations/0001_registry.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_ingest",
+        sql: include_str!("../../migrations/0002_ingest.sql"),
+    },
+];
 
 /// `PRAGMA application_id` of our database files ("NBGT"): tells our file from any other
 /// SQLite database someone points `[store] path` at.

@@ -9,7 +9,11 @@ pub mod metrics;
 pub fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // rumqttd logs every device connection at INFO and every normal disconnect at ERROR:
+    // silenced by default (RUST_LOG can turn it back on).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("info,{}", crate::sources::broker::QUIET_RUMQTTD))
+    });
     let json = std::env::var("NBIOT_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
