@@ -3,7 +3,7 @@
 //!
 //! Today that is the store, the device registry, the profiles (reloaded on SIGHUP), the
 //! ingest pipeline (shards, group-commit writer, retention) and the HTTP API. The ingest
-//! listeners (CoAP, MQTT) are started in [`start_sources`] with the pipeline's handle.
+//! listeners (CoAP, MQTT) are started in `start_sources` with the pipeline's handle.
 //!
 //! Shutdown is a [`CancellationToken`] passed in (mini-redis style): `main` cancels it on
 //! SIGINT/SIGTERM, tests cancel it directly. Every task is tracked, and `run` returns only

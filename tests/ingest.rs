@@ -1344,12 +1344,12 @@ async fn dashboard_queries_over_30_days() {
     api.stop().await;
 }
 
-/// Sustained uplinks/s through the pipeline and the durable group commit (one payload type:
-/// the CJ/T 188 read-data reply; 1000 devices; outcomes awaited).
+/// A sustained stream for 1000 devices through the pipeline and the durable group commit:
+/// every outcome is a commit. (It prints the rate; the measured figure comes from
+/// `cargo bench --bench pipeline` and `nbiot-load`, not from this test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; run with --release --ignored --nocapture"]
 async fn throughput() {
-    const TOTAL: usize = 100_000;
+    const TOTAL: usize = 20_000;
     let env = Env::new("throughput").await;
     for d in 0..1000 {
         env.register(&format!("m{d:04}"), METER, None).await;

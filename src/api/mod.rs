@@ -53,7 +53,7 @@ pub const DEVICE_BODY_LIMIT: usize = 64 * 1024;
 
 /// What the API handlers share. Cheap to clone.
 ///
-/// ```ignore
+/// ```text
 /// let store = Arc::new(Store::open(&cfg.store.path)?);
 /// let profiles = SharedProfiles::new(profiles::load_dir(&dir).set);
 /// let registry = Registry::open(store, profiles).await?;

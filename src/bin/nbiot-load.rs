@@ -461,7 +461,7 @@ mod tests {
         let p = payload(&template, &imei(7), 513);
         let codec = nbiot_codecs::builtin("milesight").expect("codec");
         let r = codec.decode(&p).expect("decodes");
-        let id = r[0].identity.as_deref().expect("identity");
+        let id = r[0].identity.as_ref().expect("identity");
         assert_eq!(id.device_id.as_deref(), Some(imei(7).as_str()));
         assert_eq!(id.sequence, Some(513));
     }

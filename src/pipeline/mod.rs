@@ -326,7 +326,7 @@ pub enum PipelineError {
 
 /// The running pipeline: shards, the group-commit writer thread, the retention task.
 ///
-/// ```ignore
+/// ```text
 /// let pipeline = Pipeline::start(PipelineConfig::new(&config.store), registry.clone()).await?;
 /// let handle = pipeline.handle();       // to the sources
 /// // … sources run; on shutdown they stop first, then:

@@ -572,7 +572,7 @@ fn compare_reading(
         }
     }
     if let Some(want_id) = &want.identity {
-        let got_id = got.identity.as_deref();
+        let got_id = got.identity.as_ref();
         let got_dev = got_id.and_then(|i| i.device_id.as_deref());
         let got_seq = got_id.and_then(|i| i.sequence);
         if want_id.device_id.is_some() && want_id.device_id.as_deref() != got_dev {

@@ -100,11 +100,6 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, St
             reason: "its schema has no ingest tables (open it with Store::open first)",
         });
     }
-    // Every group commit touches index pages all over `readings_by_device_time` (one leaf
-    // per device in the batch); SQLite's default 2 MiB page cache keeps too few of them
-    // once the table holds millions of rows. 64 MiB keeps the hot part of the index.
-    conn.pragma_update(None, "cache_size", -65_536)
-        .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
