@@ -38,7 +38,10 @@ const MAX_RETRANSMIT: u32 = 4;
 /// tool spreads load so that no socket comes near it.
 const EXCHANGE_LIFETIME_S: f64 = 247.0;
 
-/// The EM300-TH NB-IoT sample frame (vendor cellular decoder comment), 128 bytes.
+/// The EM400-TLD NB-IoT sample frame (vendor README), 100 bytes: one reading per uplink.
+const FRAME_EM400: &str = "020001005f00000001303130313031313036373439443139303534363930303331383638353038303634383037333530343630303433323234323133313130383938363034313231303232373030363238353709000e01756403670b0104823b01050001";
+/// The EM300-TH NB-IoT sample frame (vendor cellular decoder comment), 128 bytes: a status
+/// record and five samples, six readings per uplink.
 const FRAME: &str = "020001006200001401303132303031303036313338423232303535393131303033383639393531303430323933333631343630313133313132303632393331383938363131323032323030313332323838393309002a01755bff023c000367fe000468780367ff000468780367fe000468780367ff000468780367fe00046879";
 /// Byte offsets in that frame: FRAME_CNT (u16 BE) and the IMEI (15 ASCII digits).
 const FRAME_CNT_AT: usize = 6;
@@ -79,6 +82,10 @@ struct Args {
     register: bool,
     #[arg(long, default_value = "milesight-em300-th-nb")]
     profile: String,
+    /// The frame sent: `em300-th` (6 readings per uplink) or `em400` (1 reading). Both are
+    /// Milesight NB-IoT cellular frames; register devices with a matching profile.
+    #[arg(long, default_value = "em300-th")]
+    payload: String,
     /// The gateway's pid, to report its CPU time per uplink (from /proc).
     #[arg(long)]
     gateway_pid: Option<u32>,
@@ -193,7 +200,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         ((args.rate * EXCHANGE_LIFETIME_S / 30_000.0).ceil() as usize).max(16)
     };
-    let template = nbiot_codecs::hex::decode(FRAME.as_bytes()).context("frame template")?;
+    let frame = match args.payload.as_str() {
+        "em300-th" => FRAME,
+        "em400" => FRAME_EM400,
+        other => bail!("unknown --payload `{other}` (em300-th or em400)"),
+    };
+    let template = nbiot_codecs::hex::decode(frame.as_bytes()).context("frame template")?;
     let imeis: Arc<Vec<String>> = Arc::new(
         (0..args.devices)
             .map(|d| imei(args.first_serial + u64::from(d)))
