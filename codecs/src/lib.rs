@@ -29,7 +29,7 @@ pub mod registry;
 pub mod time;
 
 pub use error::DecodeError;
-pub use reading::{DeviceTime, Identity, Name, Reading, Value};
+pub use reading::{DeviceTime, Identity, Name, Reading, Text, Value};
 pub use registry::{builtin, builtin_ids};
 
 /// A payload decoder. Implementations are pure and cheap to share between threads.

@@ -6,7 +6,7 @@
 //! compiler, random payloads through compiled layouts).
 
 use nbiot_codecs::layout::{compile_str, LayoutCodec};
-use nbiot_codecs::{Codec, DecodeError, DeviceTime, Identity, Reading, Value};
+use nbiot_codecs::{Codec, DecodeError, DeviceTime, Identity, Reading, Text, Value};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ impl From<bool> for V {
 }
 impl From<&str> for V {
     fn from(v: &str) -> V {
-        V(Value::Text(v.to_owned()))
+        V(Value::Text(Text::new(v)))
     }
 }
 
@@ -420,7 +420,7 @@ items = [
 ]"#;
     let r = decode(src, "383639393531303430323933333631 0102").unwrap();
     assert_eq!(
-        r[0].identity.as_deref(),
+        r[0].identity.as_ref(),
         Some(&Identity {
             device_id: Some("869951040293361".into()),
             sequence: Some(258)
@@ -1164,7 +1164,7 @@ fn cjt188_frames_as_a_layout() {
             assert_eq!(r[0].field("control"), Some(&Value::Int(ctrl)), "{hex_s}");
         }
         if let Some(a) = v["expected"]["address_A6_to_A0"].as_str() {
-            assert_eq!(r[0].field("address"), Some(&Value::Text(a.into())));
+            assert_eq!(r[0].field("address"), Some(&Value::Text(Text::new(a))));
         }
         if let Some(flow) = v["expected"]["current_cumulative_flow"].as_f64() {
             assert_eq!(r[0].field("volume_m3"), Some(&Value::Float(flow)));
@@ -1250,7 +1250,7 @@ fn wearable_status_with_a_fix() {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].time, Some(DeviceTime::Utc(WATCH_TIME)));
     assert_eq!(
-        r[0].identity.as_deref(),
+        r[0].identity.as_ref(),
         Some(&Identity {
             device_id: Some("0868508064807350".into()),
             sequence: Some(42)

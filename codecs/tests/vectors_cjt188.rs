@@ -220,7 +220,7 @@ fn assert_stated(v: &Vector, frame: &[u8], reading: &Reading, skip: &[&str]) {
         }
     }
     // Identity always mirrors the address and SER.
-    let identity = reading.identity.as_deref().expect("identity");
+    let identity = reading.identity.as_ref().expect("identity");
     match reading.field("address") {
         Some(Value::Text(a)) => assert_eq!(identity.device_id.as_deref(), Some(a.as_str())),
         _ => assert_eq!(identity.device_id, None),

@@ -271,14 +271,14 @@ fn check(payload: &[u8], readings: &[Reading], key: &str, stated: &Json) -> Resu
     let want: Option<Value> = match conv {
         Conv::Num => stated.as_f64().map(Value::Float),
         Conv::Scale(f) => stated.as_f64().map(|x| Value::Float(x * f)),
-        Conv::Text => stated.as_str().map(|s| Value::Text(s.to_owned())),
+        Conv::Text => stated.as_str().map(|s| Value::Text(s.to_owned().into())),
         Conv::Label(labels) => {
             let s = stated.as_str().ok_or_else(|| format!("{key}: not text"))?;
             let (_, l) = labels
                 .iter()
                 .find(|(v, _)| *v == s)
                 .ok_or_else(|| format!("{key}: label {s} not in MAP"))?;
-            Some(Value::Text((*l).to_owned()))
+            Some(Value::Text((*l).to_owned().into()))
         }
         Conv::Flag(labels) => match stated {
             Json::String(s) => labels
@@ -334,7 +334,7 @@ fn check(payload: &[u8], readings: &[Reading], key: &str, stated: &Json) -> Resu
             let label = |labels: &[(&str, &str)], i: u64| {
                 labels
                     .get(i as usize)
-                    .map(|(_, l)| Value::Text((*l).to_owned()))
+                    .map(|(_, l)| Value::Text((*l).to_owned().into()))
             };
             let geofence = field("geofence");
             if geofence != label(GEOFENCE, b >> 4) {
@@ -460,7 +460,7 @@ fn flagged_vectors() {
         assert_eq!(out[0].field("unknown_channel"), Some(&Value::Int(0x06e1)));
         assert_eq!(
             out[0].field("unparsed_hex"),
-            Some(&Value::Text(hex_text[at * 2..].to_owned()))
+            Some(&Value::Text(hex_text[at * 2..].to_owned().into()))
         );
         let mut bad = mismatches(v, &strict).unwrap();
         bad.sort();

@@ -199,7 +199,7 @@ fn assert_stated(v: &Vector, readings: &[Reading]) {
             },
             Check::Text(at, project) => assert_eq!(
                 field(reading(readings, at), project),
-                &Value::Text(stated.as_str().expect("stated text").to_owned()),
+                &Value::Text(stated.as_str().expect("stated text").to_owned().into()),
                 "{what}"
             ),
             Check::Temperature(at, project, flag) => {
@@ -222,7 +222,7 @@ fn assert_stated(v: &Vector, readings: &[Reading]) {
                 let r = reading(readings, At::Current);
                 assert_eq!(
                     field(r, "status_text"),
-                    &Value::Text(label.clone()),
+                    &Value::Text(label.clone().into()),
                     "{what}"
                 );
                 assert_eq!(

@@ -100,7 +100,7 @@ use nom::number::complete::{le_u16, u8 as nom_u8};
 use crate::parse::{bcd_to_u64, fail, finish, take_n, with_offset, PError, PErrorKind, PResult};
 use crate::registry::{CodecConfigError, CodecOptions};
 use crate::time::from_civil;
-use crate::{Codec, DecodeError, DeviceTime, Identity, Name, Reading, Value};
+use crate::{Codec, DecodeError, DeviceTime, Identity, Name, Reading, Text, Value};
 
 pub const ID: &str = "cjt188";
 
@@ -481,20 +481,10 @@ fn is_heat_meter(meter_type: u8) -> bool {
 }
 
 /// Upper-case hex of A6..A0 (14 decimal digits for a BCD address), and whether every
-/// nibble was decimal.
-fn address_text(address: &[u8]) -> (String, bool) {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    let mut s = String::with_capacity(2 * address.len());
-    let mut decimal = true;
-    for b in address.iter().rev() {
-        for nibble in [b >> 4, b & 0x0F] {
-            decimal &= nibble <= 9;
-            s.push(char::from(
-                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'?'),
-            ));
-        }
-    }
-    (s, decimal)
+/// nibble was decimal. Fourteen characters: inline in the [`Text`], no allocation.
+fn address_text(address: &[u8]) -> (Text, bool) {
+    let decimal = address.iter().all(|b| b >> 4 <= 9 && b & 0x0F <= 9);
+    (crate::hex::text_with(address, true, b"0123456789ABCDEF"), decimal)
 }
 
 /// The fields are appended in batches (`extend` with an array) rather than one `push` each:
@@ -561,7 +551,7 @@ impl Cjt188Codec {
                 };
                 if let Some(label) = label {
                     r.fields
-                        .push(field("valve_command", Value::Text(label.to_owned())));
+                        .push(field("valve_command", Value::Text(Text::from_static(label))));
                 }
                 i
             }
@@ -594,7 +584,7 @@ fn flow_fields(flow: Flow, m3: &'static str, raw: &'static str, unit: &'static s
 fn push_data_hex(r: &mut Reading, rest: &[u8]) {
     if !rest.is_empty() {
         r.fields
-            .push(field("data_hex", Value::Text(crate::hex::encode(rest))));
+            .push(field("data_hex", Value::Text(crate::hex::encode_text(rest))));
     }
 }
 
@@ -676,10 +666,10 @@ impl Codec for Cjt188Codec {
         }
 
         if device_id.is_some() || ser.is_some() {
-            r.identity = Some(Box::new(Identity {
+            r.identity = Some(Identity {
                 device_id,
                 sequence: ser,
-            }));
+            });
         }
         Ok(vec![r])
     }
@@ -720,7 +710,7 @@ mod tests {
         Value::Bool(v)
     }
     fn text(v: &str) -> Value {
-        Value::Text(v.to_owned())
+        Value::Text(Text::new(v))
     }
 
     fn reading(
@@ -736,11 +726,9 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (Name::Static(n), v.clone()))
                 .collect(),
-            identity: (device_id.is_some() || sequence.is_some()).then(|| {
-                Box::new(Identity {
-                    device_id: device_id.map(str::to_owned),
-                    sequence,
-                })
+            identity: (device_id.is_some() || sequence.is_some()).then(|| Identity {
+                device_id: device_id.map(Text::new),
+                sequence,
             }),
         }
     }
@@ -1061,7 +1049,7 @@ mod tests {
         );
         assert_eq!(r.field("di"), Some(&int(0x810A)));
         assert_eq!(
-            r.identity.as_deref(),
+            r.identity.as_ref(),
             Some(&Identity {
                 device_id: Some("78330123456789".into()),
                 sequence: Some(0xA7)

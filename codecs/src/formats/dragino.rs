@@ -188,12 +188,22 @@ impl Codec for DraginoCodec {
             return Err(DecodeError::Empty);
         }
         let reading = if hex::is_hex_text(payload) || looks_like_text(payload) {
-            // Encoding errors from hex::decode already name offsets in the text.
-            let frame = hex::decode(payload)?;
+            // Encoding errors from hex::decode already name offsets in the text. A frame of
+            // either model fits the stack buffer; longer text (an error) is decoded on the
+            // heap so its error names the right length.
+            let mut buf = [0u8; N95S31B_LEN];
+            let heap;
+            let frame = match hex::decode_into(payload, &mut buf)? {
+                Some(n) => buf.get(..n).unwrap_or_default(),
+                None => {
+                    heap = hex::decode(payload)?;
+                    heap.as_slice()
+                }
+            };
             if frame.is_empty() {
                 return Err(DecodeError::Empty);
             }
-            self.decode_frame(&frame)
+            self.decode_frame(frame)
                 .map_err(|e| to_text_offsets(e, payload))?
         } else {
             self.decode_frame(payload)?
@@ -217,12 +227,11 @@ fn parse_frame(input: &[u8], model: Model) -> PResult<'_, Reading> {
     let (input, battery_mv) = be_bytes::<2>(input, "battery")?;
     let (input, [csq]) = be_bytes::<1>(input, "signal")?;
 
-    let mut reading = Reading::new(MEASUREMENT);
-    reading.fields.reserve_exact(6);
-    reading.identity = Some(Box::new(Identity {
-        device_id: Some(hex::encode(&device_id)),
+    let mut reading = Reading::with_capacity(MEASUREMENT, 6);
+    reading.identity = Some(Identity {
+        device_id: Some(hex::encode_text(&device_id)),
         sequence: None,
-    }));
+    });
     reading.push(
         "version",
         Value::Int(i64::from(u16::from_be_bytes(version))),
@@ -352,16 +361,17 @@ fn to_text_offsets(err: DecodeError, text: &[u8]) -> DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Text;
 
     fn codec(model: Model) -> DraginoCodec {
         DraginoCodec::new(model)
     }
 
-    fn identity(id: &str) -> Option<Box<Identity>> {
-        Some(Box::new(Identity {
-            device_id: Some(id.to_owned()),
+    fn identity(id: &str) -> Option<Identity> {
+        Some(Identity {
+            device_id: Some(Text::new(id)),
             sequence: None,
-        }))
+        })
     }
 
     fn reading(id: &str, fields: Vec<(&'static str, Value)>) -> Vec<Reading> {

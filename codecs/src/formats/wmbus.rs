@@ -112,7 +112,8 @@
 use crate::parse::{finish, take_n, PError, PErrorKind, PResult};
 use crate::registry::{CodecConfigError, CodecOptions};
 use crate::time::from_civil;
-use crate::{hex, Codec, DecodeError, DeviceTime, Identity, Reading, Value};
+use crate::reading::push;
+use crate::{hex, Codec, DecodeError, DeviceTime, Identity, Reading, Text, Value};
 
 pub const ID: &str = "wmbus";
 
@@ -748,15 +749,16 @@ fn bad_bcd<T>(data: &[u8], index: usize) -> PResult<'_, T> {
     )
 }
 
-/// A little-endian two's-complement integer of 1..=8 bytes.
+/// A little-endian two's-complement integer of 1..=8 bytes (more are cut to 8).
 fn le_signed(bytes: &[u8]) -> i64 {
-    let n = bytes.len().clamp(1, 8);
-    let mut buf = [0u8; 8];
-    if let (Some(dst), Some(src)) = (buf.get_mut(..n), bytes.get(..n)) {
-        dst.copy_from_slice(src);
-    }
-    let shift = 64 - 8 * n as u32;
-    (i64::from_le_bytes(buf) << shift) >> shift
+    let bytes = bytes.get(..8).unwrap_or(bytes);
+    // A byte loop, not a copy into a buffer: a copy of a run-time length is a memcpy call.
+    let v = bytes
+        .iter()
+        .rev()
+        .fold(0u64, |v, &b| v << 8 | u64::from(b));
+    let shift = 64 - 8 * bytes.len().clamp(1, 8) as u32;
+    ((v << shift) as i64) >> shift
 }
 
 /// Little-endian packed BCD. A most significant nibble 0xF makes the value negative
@@ -969,11 +971,11 @@ fn stamp(q: Quantity, coding: u8, raw: &[u8]) -> Stamp {
     }
 }
 
-/// One reading under construction: the current one (storage 0) or a historic one.
-#[derive(Debug)]
-struct Slot {
+/// What is known about a reading under construction: the current one (storage 0) or a
+/// historic one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mark {
     storage: u64,
-    reading: Reading,
     /// 0 no time yet, 1 from a type G date, 2 from a type F/I date-time.
     time_rank: u8,
     /// Record fields already present, by [`field_key`]: a bit test instead of comparing
@@ -981,29 +983,26 @@ struct Slot {
     used: u64,
 }
 
-impl Slot {
-    fn new(storage: u64, reading: Reading) -> Self {
-        Slot {
-            storage,
-            reading,
-            time_rank: 0,
-            used: 0,
-        }
-    }
+/// A reading under construction with its [`Mark`].
+struct Slot<'a> {
+    mark: &'a mut Mark,
+    reading: &'a mut Reading,
+}
 
+impl Slot<'_> {
     /// Adds a record field unless its key is taken already (then `false`).
     fn push(&mut self, key: u8, name: &'static str, value: Value) -> bool {
         let bit = 1u64 << (key & 63);
-        if self.used & bit != 0 {
+        if self.mark.used & bit != 0 {
             return false;
         }
-        self.used |= bit;
+        self.mark.used |= bit;
         self.reading.push(name, value);
         true
     }
 }
 
-/// A record field's slot in [`Slot::used`]: four per quantity, by function (0, 1, 2; a
+/// A record field's slot in [`Mark::used`]: four per quantity, by function (0, 1, 2; a
 /// temperature's sensor-error flag shares 0 with its value), and 3 for `datetime_invalid`.
 fn field_key(q: Quantity, function: u8) -> u8 {
     (q as u8) * 4 + (function & 3)
@@ -1017,21 +1016,30 @@ const _: () = assert!(
 #[derive(Debug)]
 struct Assembler {
     battery_field: &'static str,
-    current: Slot,
-    history: Vec<Slot>,
+    current: Reading,
+    current_mark: Mark,
+    /// Historic readings in the order their storage numbers appear (each starts with its
+    /// `storage` field); at the end, sorted and followed by the current reading, they are
+    /// the output, so no second vector is allocated.
+    history: Vec<Reading>,
+    /// `history_marks[i]` goes with `history[i]`.
+    history_marks: [Mark; MAX_HISTORY],
     unmapped: i64,
-    manufacturer_data: Option<String>,
+    manufacturer_data: Option<Text>,
     more_records_follow: bool,
 }
 
 impl Assembler {
     fn new(battery_field: &'static str) -> Self {
-        let mut reading = Reading::new(MEASUREMENT);
-        reading.fields.reserve_exact(24);
         Assembler {
             battery_field,
-            current: Slot::new(0, reading),
+            // Nine header fields and the usual records (volume, flows, temperature,
+            // battery): 20 fields are 960 bytes, within the allocator's per-thread cache
+            // (1 KiB); more grow the vector once.
+            current: Reading::with_capacity(MEASUREMENT, 20),
+            current_mark: Mark::default(),
             history: Vec::new(),
+            history_marks: [Mark::default(); MAX_HISTORY],
             unmapped: 0,
             manufacturer_data: None,
             more_records_follow: false,
@@ -1039,15 +1047,15 @@ impl Assembler {
     }
 
     fn header(&mut self, h: &Header) {
-        let r = &mut self.current.reading;
-        r.identity = Some(Box::new(Identity {
+        let r = &mut self.current;
+        r.identity = Some(Identity {
             device_id: Some(meter_id(h.id)),
             sequence: h.tpl.map(|t| u32::from(t.access_number)),
-        }));
+        });
         r.push("manufacturer", Value::Text(manufacturer(h.manufacturer)));
         r.push("version", Value::Int(i64::from(h.version)));
         r.push("device_type", Value::Int(i64::from(h.device_type)));
-        r.push("medium", Value::Text(medium(h.device_type).to_owned()));
+        r.push("medium", Value::Text(Text::from_static(medium(h.device_type))));
         if let Some(tpl) = h.tpl {
             let s = tpl.status;
             r.push("status", Value::Int(i64::from(s)));
@@ -1060,31 +1068,46 @@ impl Assembler {
 
     fn manufacturer_data(&mut self, bytes: &[u8], more: bool) {
         if !bytes.is_empty() {
-            self.manufacturer_data = Some(hex::encode(bytes));
+            self.manufacturer_data = Some(hex::encode_text(bytes));
         }
         self.more_records_follow = more;
     }
 
     /// The slot for a storage number, creating a historic one while there is room.
-    fn slot(&mut self, storage: u64) -> Option<&mut Slot> {
+    fn slot(&mut self, storage: u64) -> Option<Slot<'_>> {
         if storage == 0 {
-            return Some(&mut self.current);
+            return Some(Slot {
+                mark: &mut self.current_mark,
+                reading: &mut self.current,
+            });
         }
-        let i = match self.history.iter().position(|s| s.storage == storage) {
+        let n = self.history.len();
+        let i = match self.history_marks.iter().take(n).position(|m| m.storage == storage) {
             Some(i) => i,
-            None if self.history.len() < MAX_HISTORY => {
-                let mut reading = Reading::new(MEASUREMENT);
-                reading.fields.reserve_exact(8);
+            None if n < MAX_HISTORY => {
+                let mut reading = Reading::with_capacity(MEASUREMENT, 8);
                 reading.push(
                     "storage",
                     Value::Int(i64::try_from(storage).unwrap_or(i64::MAX)),
                 );
-                self.history.push(Slot::new(storage, reading));
-                self.history.len() - 1
+                if self.history.capacity() == 0 {
+                    // The output: the historic readings and the current one.
+                    self.history.reserve_exact(2);
+                }
+                push(&mut self.history, reading);
+                let mark = self.history_marks.get_mut(n)?;
+                *mark = Mark {
+                    storage,
+                    ..Mark::default()
+                };
+                n
             }
             None => return None,
         };
-        self.history.get_mut(i)
+        Some(Slot {
+            mark: self.history_marks.get_mut(i)?,
+            reading: self.history.get_mut(i)?,
+        })
     }
 
     fn record(&mut self, rec: &Record<'_>) {
@@ -1103,7 +1126,7 @@ impl Assembler {
         };
         let battery_field = self.battery_field;
         let storage = rec.storage;
-        let Some(slot) = self.slot(storage) else {
+        let Some(mut slot) = self.slot(storage) else {
             return false;
         };
         match q {
@@ -1112,9 +1135,9 @@ impl Assembler {
                     return false;
                 }
                 match stamp(q, rec.coding, rec.raw) {
-                    Stamp::Valid(t, rank) if rank > slot.time_rank => {
+                    Stamp::Valid(t, rank) if rank > slot.mark.time_rank => {
                         slot.reading.time = Some(DeviceTime::Local(t));
-                        slot.time_rank = rank;
+                        slot.mark.time_rank = rank;
                         true
                     }
                     Stamp::Invalid if storage == 0 && slot.reading.time.is_none() => {
@@ -1161,49 +1184,53 @@ impl Assembler {
     }
 
     /// Historic readings in time order, then the current one.
-    fn finish(mut self) -> Vec<Reading> {
-        let mut out = Vec::with_capacity(self.history.len() + 1);
-        let mut history = std::mem::take(&mut self.history);
-        history.sort_by_key(|s| (s.reading.time.map(|t| t.to_utc(0, 0)), s.storage));
-        for slot in history {
+    fn finish(self) -> Vec<Reading> {
+        let Assembler {
+            mut current,
+            history: mut out,
+            mut unmapped,
+            ..
+        } = self;
+        // A historic reading's first field is its storage number (unique per reading).
+        let storage = |r: &Reading| match r.fields.first() {
+            Some((_, Value::Int(s))) => *s,
+            _ => 0,
+        };
+        out.sort_unstable_by_key(|r| (r.time.map(|t| t.to_utc(0, 0)), storage(r)));
+        out.retain(|r| {
             // `storage` is the first field; the rest came from records.
-            let records = i64::try_from(slot.reading.fields.len().saturating_sub(1)).unwrap_or(0);
-            match slot.reading.time {
-                Some(_) if records > 0 => out.push(slot.reading),
-                Some(_) => {}
+            let records = i64::try_from(r.fields.len().saturating_sub(1)).unwrap_or(0);
+            if r.time.is_none() {
                 // Without its own date a historic value cannot be placed in time.
-                None => self.unmapped += records,
+                unmapped += records;
             }
-        }
-        let r = &mut self.current.reading;
-        if self.unmapped > 0 {
-            r.push("unmapped_records", Value::Int(self.unmapped));
+            r.time.is_some() && records > 0
+        });
+        if unmapped > 0 {
+            current.push("unmapped_records", Value::Int(unmapped));
         }
         if let Some(data) = self.manufacturer_data {
-            r.push("manufacturer_data", Value::Text(data));
+            current.push("manufacturer_data", Value::Text(data));
         }
         if self.more_records_follow {
-            r.push("more_records_follow", Value::Bool(true));
+            current.push("more_records_follow", Value::Bool(true));
         }
-        out.push(self.current.reading);
+        push(&mut out, current);
         out
     }
 }
 
 /// The 8 BCD digits of the meter id, most significant first ("72727272"). Non-BCD ids are
 /// printed as hex digits rather than refused: some meters number in hex.
-fn meter_id(id: [u8; 4]) -> String {
-    let [a, b, c, d] = id;
-    hex::encode(&[d, c, b, a])
+fn meter_id(id: [u8; 4]) -> Text {
+    hex::encode_text_ordered(&id, true)
 }
 
 /// EN 13757-3 manufacturer code: three letters of 5 bits, 1 = 'A'.
-fn manufacturer(m: u16) -> String {
-    let mut s = String::with_capacity(3);
-    for shift in [10u16, 5, 0] {
-        s.push(char::from(64 + ((m >> shift) & 0x1F) as u8));
-    }
-    s
+fn manufacturer(m: u16) -> Text {
+    let letters = [10u16, 5, 0].map(|shift| 64 + ((m >> shift) & 0x1F) as u8);
+    // 64 + 0..=31: ASCII.
+    Text::from_ascii_iter(letters).unwrap_or_default()
 }
 
 /// Device type (medium) names, EN 13757-7 table of device types.
@@ -1248,10 +1275,11 @@ fn medium(device_type: u8) -> &'static str {
 }
 
 /// EN 13757-3 TPL status byte as labels: bits 1-0 application state, 2 power low,
-/// 3 permanent error, 4 temporary error, 7-5 manufacturer specific.
-fn status_text(s: u8) -> String {
+/// 3 permanent error, 4 temporary error, 7-5 manufacturer specific. No allocation for `ok`
+/// or a single label (the usual cases).
+fn status_text(s: u8) -> Text {
     if s == 0 {
-        return "ok".to_owned();
+        return Text::from_static("ok");
     }
     let labels = [
         (s & 0x03 == 0x01, "application_busy"),
@@ -1262,25 +1290,27 @@ fn status_text(s: u8) -> String {
         (s & 0x10 != 0, "temporary_error"),
         (s & 0xE0 != 0, "manufacturer_specific"),
     ];
-    let mut out = String::with_capacity(32);
-    for (set, label) in labels {
-        if set {
-            if !out.is_empty() {
-                out.push(',');
-            }
-            out.push_str(label);
-        }
+    let mut set = labels.iter().filter(|(set, _)| *set).map(|&(_, label)| label);
+    // s != 0: at least one label is set.
+    let first = set.next().unwrap_or_default();
+    let Some(second) = set.next() else {
+        return Text::from_static(first);
+    };
+    let mut out = format!("{first},{second}");
+    for label in set {
+        out.push(',');
+        out.push_str(label);
     }
-    out
+    Text::from(out)
 }
 
 /// Customer (0xFD 0x11): ASCII sent least significant character first, or a number.
-fn customer(data: &Data<'_>) -> Option<String> {
+fn customer(data: &Data<'_>) -> Option<Text> {
     match *data {
         Data::Text(bytes) if bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') => {
-            Some(bytes.iter().rev().map(|&b| char::from(b)).collect())
+            Text::from_ascii_iter(bytes.iter().rev().copied())
         }
-        Data::Int(v) => Some(v.to_string()),
+        Data::Int(v) => Some(Text::from(v.to_string())),
         _ => None,
     }
 }
@@ -1317,11 +1347,11 @@ mod tests {
         list.into_iter().map(|(n, v)| (n.into(), v)).collect()
     }
 
-    fn identity(id: &str, seq: u32) -> Option<Box<Identity>> {
-        Some(Box::new(Identity {
-            device_id: Some(id.to_owned()),
+    fn identity(id: &str, seq: u32) -> Option<Identity> {
+        Some(Identity {
+            device_id: Some(Text::new(id)),
             sequence: Some(seq),
-        }))
+        })
     }
 
     /// wmbusmeters "Mm q400 05829163 NOKEY": unencrypted, -100 degC sensor error.
@@ -1926,10 +1956,10 @@ mod tests {
                     ("device_type", Value::Int(7)),
                     ("medium", Value::Text("water".into())),
                 ]),
-                identity: Some(Box::new(Identity {
+                identity: Some(Identity {
                     device_id: Some("05829163".into()),
                     sequence: None,
-                })),
+                }),
             }]
         );
         // Short header cut inside CONFIG.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::layout::checksum::Algorithm;
 use crate::parse::bcd_to_u64;
-use crate::{DecodeError, DeviceTime, Identity, Name, Reading, Value};
+use crate::{hex, DecodeError, DeviceTime, Identity, Name, Reading, Text, Value};
 
 /// Variables (numbers read earlier and used by later items) a layout may reference.
 pub const MAX_VARS: usize = 64;
@@ -372,8 +372,7 @@ pub(crate) fn run(
     if payload.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let mut first = Reading::new(measurement.clone());
-    first.fields.reserve_exact(program.main_fields);
+    let first = Reading::with_capacity(measurement.clone(), program.main_fields);
     let out = vec![first];
     let mut m = Machine {
         data: payload,
@@ -405,7 +404,7 @@ pub(crate) fn run(
     }
     if let Some(id) = m.identity {
         for r in &mut out {
-            r.identity = Some(Box::new(id.clone()));
+            r.identity = Some(id.clone());
         }
     }
     Ok(out)
@@ -625,7 +624,7 @@ impl<'a> Machine<'a, '_> {
                 "more than 256 fields in one reading",
             ));
         }
-        r.fields.push((name.clone(), v));
+        r.push(name.clone(), v);
         Ok(())
     }
 
@@ -642,7 +641,7 @@ impl<'a> Machine<'a, '_> {
                 "more than 1024 readings in one payload",
             ));
         }
-        self.out.push(Reading::new(self.measurement.clone()));
+        crate::reading::push(&mut self.out, Reading::new(self.measurement.clone()));
         let index = self.out.len() - 1;
         let saved = std::mem::replace(&mut self.cur, index);
         let res = f(self);
@@ -836,7 +835,7 @@ impl<'a> Machine<'a, '_> {
                 }
                 .ok_or_else(|| invalid(what, at, "not a BCD digit"))?;
                 if let Some(IdentityKind::DeviceId) = op.identity {
-                    self.identity_mut().device_id = Some(bytes_hex(b, *little));
+                    self.identity_mut().device_id = Some(hex::encode_text_ordered(b, *little));
                 }
                 let v = i128::from(digits);
                 if let Some(slot) = op.slot {
@@ -855,7 +854,9 @@ impl<'a> Machine<'a, '_> {
             self.set_var(slot, raw);
         }
         match op.identity {
-            Some(IdentityKind::DeviceId) => self.identity_mut().device_id = Some(raw.to_string()),
+            Some(IdentityKind::DeviceId) => {
+                self.identity_mut().device_id = Some(Text::from(raw.to_string()))
+            }
             Some(IdentityKind::Sequence) => self.identity_mut().sequence = u32::try_from(raw).ok(),
             None => {}
         }
@@ -880,6 +881,7 @@ impl<'a> Machine<'a, '_> {
         Ok(())
     }
 
+    #[inline]
     fn finish_int(
         &mut self,
         e: &Emit,
@@ -897,7 +899,10 @@ impl<'a> Machine<'a, '_> {
                 offset,
                 round,
             } => {
-                let x = v as f64 * scale + offset;
+                // Through i64 when it fits (every value read from 8 bytes or fewer, but a
+                // u64 past i64::MAX): an i128 conversion is a libcall.
+                let v = i64::try_from(v).map_or_else(|_| v as f64, |v| v as f64);
+                let x = v * scale + offset;
                 Value::Float(match round {
                     Some(p) => round_to(x, *p),
                     None => x,
@@ -911,8 +916,9 @@ impl<'a> Machine<'a, '_> {
                     .map(|(_, _, l)| l)
                     .or(t.default.as_ref());
                 Value::Text(match label {
-                    Some(l) => l.to_string(),
-                    None => v.to_string(),
+                    // The profile's label, shared: no allocation per decode.
+                    Some(l) => Text::from(Arc::clone(l)),
+                    None => Text::from(v.to_string()),
                 })
             }
             Conv::Bool { invert } => Value::Bool((v != 0) != *invert),
@@ -967,9 +973,9 @@ impl<'a> Machine<'a, '_> {
                 if !body.iter().all(|x| (0x20..0x7F).contains(x)) {
                     return Err(invalid(op.what, at, "not printable ASCII"));
                 }
-                String::from_utf8_lossy(body).into_owned()
+                Text::from_ascii(body).unwrap_or_default()
             }
-            RawText::Bytes(b, little) => bytes_hex(b, little),
+            RawText::Bytes(b, little) => hex::encode_text_ordered(b, little),
         };
         if let Some(IdentityKind::DeviceId) = op.identity {
             self.identity_mut().device_id = Some(text.clone());
@@ -1232,22 +1238,6 @@ impl<'a> Machine<'a, '_> {
     }
 }
 
-/// Lower-case hex of `b`, last byte first when `reversed`.
-fn bytes_hex(b: &[u8], reversed: bool) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    let mut put = |x: u8| {
-        s.push(char::from(DIGITS[usize::from(x >> 4)]));
-        s.push(char::from(DIGITS[usize::from(x & 0x0F)]));
-    };
-    if reversed {
-        b.iter().rev().for_each(|&x| put(x));
-    } else {
-        b.iter().for_each(|&x| put(x));
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1290,8 +1280,8 @@ mod tests {
 
     #[test]
     fn hex_text() {
-        assert_eq!(bytes_hex(&[0x72, 0x40, 0x0a], false), "72400a");
-        assert_eq!(bytes_hex(&[0x72, 0x40, 0x0a], true), "0a4072");
+        assert_eq!(hex::encode_text_ordered(&[0x72, 0x40, 0x0a], false), "72400a");
+        assert_eq!(hex::encode_text_ordered(&[0x72, 0x40, 0x0a], true), "0a4072");
     }
 
     #[test]

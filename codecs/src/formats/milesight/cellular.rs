@@ -42,7 +42,7 @@
 
 use super::{tlv, MilesightCodec, MEASUREMENT};
 use crate::parse::{fail, finish, take_n, PError, PErrorKind, PResult};
-use crate::reading::{DeviceTime, Identity, Name, Reading, Value};
+use crate::reading::{DeviceTime, Identity, Name, Reading, Text, Value};
 use crate::DecodeError;
 
 /// Bytes before DATA.
@@ -68,7 +68,8 @@ pub(super) const FRAME_FIELDS: &[&str] = &[
 /// The start byte of a cellular frame.
 const START: u8 = 0x02;
 
-/// The fixed header, borrowing its text fields from the payload.
+/// The fixed header, borrowing its text fields from the payload: checked ASCII (trimmed
+/// where padded), kept as bytes so that they become [`Text`] without a UTF-8 pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Header<'a> {
     id: u16,
@@ -76,12 +77,12 @@ struct Header<'a> {
     flag: u8,
     frame_cnt: u16,
     protocol: u8,
-    firmware: &'a str,
-    hardware: &'a str,
-    sn: &'a str,
-    imei: &'a str,
-    imsi: &'a str,
-    iccid: &'a str,
+    firmware: &'a [u8],
+    hardware: &'a [u8],
+    sn: &'a [u8],
+    imei: &'a [u8],
+    imsi: &'a [u8],
+    iccid: &'a [u8],
     csq: u8,
     data_len: u16,
 }
@@ -125,40 +126,40 @@ fn ascii<'a>(
     what: &'static str,
     valid: fn(&u8) -> bool,
     reason: &'static str,
-) -> PResult<'a, &'a str> {
+) -> PResult<'a, &'a [u8]> {
     let (rest, raw) = take_n(input, n, what)?;
-    match std::str::from_utf8(raw) {
-        Ok(s) if raw.iter().all(valid) => Ok((rest, s)),
-        _ => fail(
-            input,
-            DecodeError::InvalidValue {
-                what,
-                offset: 0,
-                reason,
-            },
-        ),
+    if raw.iter().all(valid) {
+        return Ok((rest, raw));
     }
+    fail(
+        input,
+        DecodeError::InvalidValue {
+            what,
+            offset: 0,
+            reason,
+        },
+    )
 }
 
 /// `n` bytes of printable ASCII, trailing NUL/space padding trimmed.
-fn padded_text<'a>(input: &'a [u8], n: usize, what: &'static str) -> PResult<'a, &'a str> {
+fn padded_text<'a>(input: &'a [u8], n: usize, what: &'static str) -> PResult<'a, &'a [u8]> {
     let (rest, raw) = take_n(input, n, what)?;
     let end = raw
         .iter()
         .rposition(|&b| b != 0 && b != b' ')
         .map_or(0, |p| p + 1);
     let text = raw.get(..end).unwrap_or_default();
-    match std::str::from_utf8(text) {
-        Ok(s) if text.iter().all(|b| b.is_ascii_graphic() || *b == b' ') => Ok((rest, s)),
-        _ => fail(
-            input,
-            DecodeError::InvalidValue {
-                what,
-                offset: 0,
-                reason: "not printable ASCII",
-            },
-        ),
+    if text.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        return Ok((rest, text));
     }
+    fail(
+        input,
+        DecodeError::InvalidValue {
+            what,
+            offset: 0,
+            reason: "not printable ASCII",
+        },
+    )
 }
 
 fn parse_header(input: &[u8]) -> PResult<'_, Header<'_>> {
@@ -215,29 +216,30 @@ fn parse_header(input: &[u8]) -> PResult<'_, Header<'_>> {
 
 /// The first reading: the frame's own fields and the sender's identity.
 fn frame_reading(h: &Header<'_>) -> Reading {
-    let mut r = Reading::new(MEASUREMENT);
-    r.fields.reserve(20);
-    let mut push = |name: &'static str, value: Value| r.fields.push((Name::Static(name), value));
+    // Checked ASCII by the parser; short enough to be stored inline (no allocation).
+    let text = |b: &[u8]| Text::from_ascii(b).unwrap_or_default();
+    let mut r = Reading::with_capacity(MEASUREMENT, 20);
+    let mut push = |name: &'static str, value: Value| r.push(Name::Static(name), value);
     push("frame_id", Value::Int(h.id.into()));
     push("frame_length", Value::Int(h.length.into()));
     push("frame_flag", Value::Int(h.flag.into()));
     push("frame_counter", Value::Int(h.frame_cnt.into()));
     push("protocol_version", Value::Int(h.protocol.into()));
-    push("firmware_version", Value::Text(h.firmware.to_owned()));
-    push("hardware_version", Value::Text(h.hardware.to_owned()));
-    push("sn", Value::Text(h.sn.to_owned()));
-    push("imsi", Value::Text(h.imsi.to_owned()));
-    push("iccid", Value::Text(h.iccid.to_owned()));
+    push("firmware_version", Value::Text(text(h.firmware)));
+    push("hardware_version", Value::Text(text(h.hardware)));
+    push("sn", Value::Text(text(h.sn)));
+    push("imsi", Value::Text(text(h.imsi)));
+    push("iccid", Value::Text(text(h.iccid)));
     push("csq", Value::Int(h.csq.into()));
     // 3GPP TS 27.007 +CSQ: 0 = -113 dBm or less, 31 = -51 dBm or more, 99 = not known.
     if h.csq <= 31 {
         push("rssi_dbm", Value::Int(-113 + 2 * i64::from(h.csq)));
     }
     push("data_length", Value::Int(h.data_len.into()));
-    r.identity = Some(Box::new(Identity {
-        device_id: Some(h.imei.to_owned()),
+    r.identity = Some(Identity {
+        device_id: Some(text(h.imei)),
         sequence: Some(h.frame_cnt.into()),
-    }));
+    });
     r
 }
 
@@ -305,7 +307,7 @@ mod tests {
     }
 
     fn text(s: &str) -> Value {
-        Value::Text(s.to_owned())
+        Value::Text(Text::new(s))
     }
 
     fn th() -> MilesightCodec {
@@ -326,7 +328,7 @@ mod tests {
         let out = th().decode(&payload).unwrap();
         assert_eq!(out.len(), 6);
         assert_eq!(
-            out[0].identity.as_deref(),
+            out[0].identity.as_ref(),
             Some(&Identity {
                 device_id: Some("869951040293361".into()),
                 sequence: Some(20)
@@ -400,6 +402,20 @@ mod tests {
             (out[1].time, fields(&out[1])),
             (None, vec![("temperature_c", Value::Float(0.2))])
         );
+    }
+
+    #[test]
+    fn a_device_information_channel_replaces_the_frame_field() {
+        let data = [
+            0x01, 0x75, 0x64, // battery
+            0xff, 0x16, 0x61, 0x38, 0xb2, 0x20, 0x55, 0x91, 0x10, 0x04, // SN, 8 bytes
+        ];
+        let out = th().decode(&frame(&data)).unwrap();
+        assert_eq!(out.len(), 1);
+        let names = names(&out[0]);
+        assert_eq!(names.iter().filter(|n| **n == "sn").count(), 1);
+        assert_eq!(names.iter().filter(|n| **n == "battery_pct").count(), 1);
+        assert_eq!(out[0].field("sn"), Some(&text("6138b22055911004")));
     }
 
     #[test]

@@ -268,8 +268,9 @@ impl MilesightCodec {
 
     /// Decodes a bare TLV stream: the live reading (if it has fields), then history readings.
     fn decode_tlv(&self, payload: &[u8]) -> Result<Vec<Reading>, DecodeError> {
-        let mut live = Reading::new(MEASUREMENT);
-        live.fields.reserve(8);
+        // A channel takes at least 3 bytes and a Wi-Fi entry (11 bytes) gives 3 fields; 21
+        // fields are 1008 bytes, the most the allocator's per-thread cache serves.
+        let live = Reading::with_capacity(MEASUREMENT, (payload.len() / 3).clamp(8, 21));
         let stream = tlv::parse(self, payload, 0, live, false)?;
         if !stream.decoded_any {
             if let Some(u) = stream.unknown {

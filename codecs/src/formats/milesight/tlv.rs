@@ -10,7 +10,7 @@
 //! Inside a cellular frame the stream is also cut into records (see [`parse`]).
 
 use super::{MilesightCodec, Model};
-use crate::reading::{DeviceTime, Name, Reading, Value};
+use crate::reading::{push, DeviceTime, Name, Reading, Text, Value};
 use crate::DecodeError;
 
 /// At most this many Wi-Fi access points are kept per reading; the rest are counted in
@@ -141,6 +141,20 @@ pub(super) enum History {
     DiV2,
     /// AT101: ts, longitude, latitude, six int8 angles (18 B).
     At101,
+}
+
+impl History {
+    /// The most fields a record of this layout gives.
+    fn max_fields(self) -> usize {
+        match self {
+            History::Mld => 1,
+            History::Th => 2,
+            History::Mcs | History::Sld => 3,
+            History::DiV1 => 4,
+            History::DiV2 => 7,
+            History::At101 => 9,
+        }
+    }
 }
 
 /// What a (channel, type) pair carries.
@@ -380,12 +394,11 @@ pub(super) struct Stream {
     pub unknown: Option<Unknown>,
 }
 
-/// The record being filled, with the Wi-Fi scan bookkeeping that ends with it.
+/// What is known about the record being filled (its reading is the last of the records):
+/// the Wi-Fi scan bookkeeping that ends with it, and which fields it may hold already.
 struct Record {
-    reading: Reading,
     channels: usize,
-    /// Field groups ([`Kind::groups`]) written so far; all of them for a reading that came
-    /// with fields (the cellular frame fields).
+    /// Field groups ([`Kind::groups`]) written so far.
     written: u32,
     wifi_kept: usize,
     wifi_dropped: u32,
@@ -393,14 +406,17 @@ struct Record {
 }
 
 impl Record {
-    fn new(reading: Reading) -> Self {
+    /// A record whose reading starts with `fields` fields.
+    fn new(fields: usize) -> Self {
         Record {
-            written: if reading.fields.is_empty() {
+            // The only reading that comes with fields is the cellular frame reading, and of
+            // its fields only `firmware_version`, `hardware_version` and `sn` are also written
+            // by channels (device information): its other fields are never searched.
+            written: if fields == 0 {
                 0
             } else {
-                u32::MAX
+                Kind::FirmwareVersion.groups()
             },
-            reading,
             channels: 0,
             wifi_kept: 0,
             wifi_dropped: 0,
@@ -408,18 +424,16 @@ impl Record {
         }
     }
 
-    fn finish(mut self) -> Reading {
-        // Written only here, once per record: no earlier value to replace.
+    /// Ends the record: the Wi-Fi summary fields, written once, here.
+    fn finish(&self, r: &mut Reading) {
         if let Some(timeout) = self.wifi_scan {
             let count = self.wifi_kept as i64 + i64::from(self.wifi_dropped);
-            let r = &mut self.reading;
             r.push("wifi_count", Value::Int(count));
             if self.wifi_dropped > 0 {
                 r.push("wifi_dropped", Value::Int(self.wifi_dropped.into()));
             }
             r.push("wifi_scan_timeout", Value::Bool(timeout));
         }
-        self.reading
     }
 }
 
@@ -442,8 +456,11 @@ pub(super) fn parse(
     } else {
         1
     });
+    let mut rec = Record::new(first.fields.len());
+    // The record being filled is always the last reading, written in place (no reading is
+    // moved once built): see `Reading::push` for why moves of fresh data cost.
+    push(&mut records, first);
     let mut history = Vec::new();
-    let mut rec = Record::new(first);
     let mut collecting_interval_s = None;
     let mut decoded_any = false;
     let mut unknown = None;
@@ -462,9 +479,10 @@ pub(super) fn parse(
             let code = u16::from_be_bytes([ch, ty]);
             let rest = data.get(pos..).unwrap_or_default();
             // Written once: the walk stops here.
-            rec.reading.push("unknown_channel", Value::Int(code.into()));
-            rec.reading
-                .push("unparsed_hex", Value::Text(crate::hex::encode(rest)));
+            if let Some(r) = records.last_mut() {
+                r.push("unknown_channel", Value::Int(code.into()));
+                r.push("unparsed_hex", Value::Text(crate::hex::encode_text(rest)));
+            }
             unknown = Some(Unknown {
                 code,
                 offset: base + pos,
@@ -483,12 +501,20 @@ pub(super) fn parse(
         if split {
             let nibble = ch & 0x0f;
             if rec.channels > 0 && nibble <= last_nibble {
-                let done =
-                    std::mem::replace(&mut rec, Record::new(Reading::new(measurement.clone())));
-                let done = done.finish();
-                if records.is_empty() || !done.fields.is_empty() {
-                    records.push(done);
+                // The first record stays even without fields; a later one without fields
+                // is reused for the next.
+                let last = records.len() - 1;
+                if let Some(done) = records.last_mut() {
+                    rec.finish(done);
+                    if last == 0 || !done.fields.is_empty() {
+                        // Samples of one frame are alike: reserve what the last one
+                        // needed, and at least the 4 fields a first push would.
+                        let fields = if last == 0 { 4 } else { done.fields.len().max(4) };
+                        let next = Reading::with_capacity(measurement.clone(), fields);
+                        push(&mut records, next);
+                    }
                 }
+                rec = Record::new(0);
             }
             last_nibble = nibble;
         }
@@ -497,13 +523,17 @@ pub(super) fn parse(
         if kind == Kind::CollectingInterval {
             collecting_interval_s = Some(Body(body).u16());
         }
-        decode_channel(kind, body, &mut rec, &mut history);
+        if let Some(r) = records.last_mut() {
+            decode_channel(kind, body, &mut rec, r, &mut history);
+        }
         pos = end;
     }
 
-    let done = rec.finish();
-    if records.is_empty() || !done.fields.is_empty() {
-        records.push(done);
+    if let Some(done) = records.last_mut() {
+        rec.finish(done);
+    }
+    if records.len() > 1 && records.last().is_some_and(|r| r.fields.is_empty()) {
+        records.pop();
     }
     Ok(Stream {
         records,
@@ -519,7 +549,7 @@ pub(super) fn parse(
 pub(super) fn set(r: &mut Reading, name: &'static str, value: Value) {
     match r.fields.iter_mut().find(|(n, _)| n.as_str() == name) {
         Some(slot) => slot.1 = value,
-        None => r.fields.push((Name::Static(name), value)),
+        None => r.push(Name::Static(name), value),
     }
 }
 
@@ -535,7 +565,7 @@ impl Out<'_> {
         if self.scan {
             set(self.r, name, value);
         } else {
-            self.r.fields.push((Name::Static(name), value));
+            self.r.push(Name::Static(name), value);
         }
     }
 
@@ -599,13 +629,9 @@ fn halves(v: u8) -> Value {
 }
 
 fn label(labels: &[&'static str], v: u8) -> Value {
-    Value::Text(
-        labels
-            .get(usize::from(v))
-            .copied()
-            .unwrap_or("unknown")
-            .to_owned(),
-    )
+    Value::Text(Text::from_static(
+        labels.get(usize::from(v)).copied().unwrap_or("unknown"),
+    ))
 }
 
 const GEOFENCE: &[&str] = &["inside", "outside", "unset", "unknown"];
@@ -664,7 +690,8 @@ fn water(r: &mut Out<'_>, b: &mut Body<'_>) {
     }
 }
 
-fn mac(bytes: [u8; 6]) -> String {
+/// `aa:bb:cc:dd:ee:ff`: 17 characters, one more than a [`Text`] keeps inline.
+fn mac(bytes: [u8; 6]) -> Text {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(17);
     for (i, b) in bytes.iter().enumerate() {
@@ -674,18 +701,24 @@ fn mac(bytes: [u8; 6]) -> String {
         s.push(char::from(DIGITS[usize::from(b >> 4)]));
         s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
-    s
+    Text::from(s)
 }
 
 /// Decodes one channel: live channels into the record, a history record into a reading of
 /// its own appended to `history`. Returns the bytes of `body` left unread (zero for a correct
 /// size table).
-fn decode_channel(kind: Kind, body: &[u8], rec: &mut Record, history: &mut Vec<Reading>) -> usize {
+fn decode_channel(
+    kind: Kind,
+    body: &[u8],
+    rec: &mut Record,
+    reading: &mut Reading,
+    history: &mut Vec<Reading>,
+) -> usize {
     let mut b = Body(body);
     let groups = kind.groups();
     let r = &mut Out {
         scan: rec.written & groups != 0,
-        r: &mut rec.reading,
+        r: reading,
     };
     rec.written |= groups;
     match kind {
@@ -763,32 +796,32 @@ fn decode_channel(kind: Kind, body: &[u8], rec: &mut Record, history: &mut Vec<R
             let v = b.u8();
             r.put(
                 "ipso_version",
-                Value::Text(format!("v{}.{}", v >> 4, v & 0x0f)),
+                Value::Text(format!("v{}.{}", v >> 4, v & 0x0f).into()),
             );
         }
         Kind::HardwareVersion => {
             let [major, minor] = b.bytes();
             r.put(
                 "hardware_version",
-                Value::Text(format!("v{major:x}.{}", minor >> 4)),
+                Value::Text(format!("v{major:x}.{}", minor >> 4).into()),
             );
         }
         Kind::FirmwareVersion => {
             let [major, minor] = b.bytes();
             r.put(
                 "firmware_version",
-                Value::Text(format!("v{major:x}.{minor:x}")),
+                Value::Text(format!("v{major:x}.{minor:x}").into()),
             );
         }
         Kind::TslVersion => {
             let [major, minor] = b.bytes();
-            r.put("tsl_version", Value::Text(format!("v{major}.{minor}")));
+            r.put("tsl_version", Value::Text(format!("v{major}.{minor}").into()));
         }
         Kind::SerialNumber { len } => {
             let n = usize::from(len);
             r.put(
                 "sn",
-                Value::Text(crate::hex::encode(body.get(..n).unwrap_or_default())),
+                Value::Text(crate::hex::encode_text(body.get(..n).unwrap_or_default())),
             );
             b.skip(n);
         }
@@ -826,9 +859,9 @@ fn decode_channel(kind: Kind, body: &[u8], rec: &mut Record, history: &mut Vec<R
             r.put("gpio_alarm", Value::Bool(b.u8() != 0));
         }
         Kind::History(h) => {
-            let mut past = Reading::new(r.r.measurement.clone());
+            let mut past = Reading::with_capacity(r.r.measurement.clone(), h.max_fields());
             let left = decode_history(h, body, &mut past);
-            history.push(past);
+            push(history, past);
             return left;
         }
     }
@@ -840,14 +873,6 @@ fn decode_channel(kind: Kind, body: &[u8], rec: &mut Record, history: &mut Vec<R
 fn decode_history(h: History, body: &[u8], reading: &mut Reading) -> usize {
     let mut b = Body(body);
     reading.time = Some(DeviceTime::Utc(b.u32().into()));
-    reading.fields.reserve(match h {
-        History::Mld => 1,
-        History::Th => 2,
-        History::Mcs | History::Sld => 3,
-        History::DiV1 => 4,
-        History::DiV2 => 7,
-        History::At101 => 9,
-    });
     // A fresh reading, each field written once.
     let r = &mut Out {
         r: reading,
@@ -967,7 +992,7 @@ mod tests {
     }
 
     fn text(s: &str) -> Value {
-        Value::Text(s.to_owned())
+        Value::Text(Text::new(s))
     }
 
     /// Every kind's decoder reads exactly `size()` bytes: the size table and the decoders
@@ -1028,9 +1053,10 @@ mod tests {
         for kind in kinds {
             for fill in [0x00u8, 0x01, 0x02, 0xff] {
                 let body = vec![fill; kind.size()];
-                let mut rec = Record::new(Reading::new("t"));
+                let mut rec = Record::new(0);
                 let mut history = Vec::new();
-                let left = decode_channel(kind, &body, &mut rec, &mut history);
+                let mut reading = Reading::new("t");
+                let left = decode_channel(kind, &body, &mut rec, &mut reading, &mut history);
                 assert_eq!(left, 0, "{kind:?} fill {fill:#x}");
             }
         }
