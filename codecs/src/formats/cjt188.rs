@@ -484,7 +484,10 @@ fn is_heat_meter(meter_type: u8) -> bool {
 /// nibble was decimal. Fourteen characters: inline in the [`Text`], no allocation.
 fn address_text(address: &[u8]) -> (Text, bool) {
     let decimal = address.iter().all(|b| b >> 4 <= 9 && b & 0x0F <= 9);
-    (crate::hex::text_with(address, true, b"0123456789ABCDEF"), decimal)
+    (
+        crate::hex::text_with(address, true, b"0123456789ABCDEF"),
+        decimal,
+    )
 }
 
 /// The fields are appended in batches (`extend` with an array) rather than one `push` each:
@@ -550,8 +553,10 @@ impl Cjt188Codec {
                     _ => None,
                 };
                 if let Some(label) = label {
-                    r.fields
-                        .push(field("valve_command", Value::Text(Text::from_static(label))));
+                    r.fields.push(field(
+                        "valve_command",
+                        Value::Text(Text::from_static(label)),
+                    ));
                 }
                 i
             }
@@ -583,8 +588,10 @@ fn flow_fields(flow: Flow, m3: &'static str, raw: &'static str, unit: &'static s
 
 fn push_data_hex(r: &mut Reading, rest: &[u8]) {
     if !rest.is_empty() {
-        r.fields
-            .push(field("data_hex", Value::Text(crate::hex::encode_text(rest))));
+        r.fields.push(field(
+            "data_hex",
+            Value::Text(crate::hex::encode_text(rest)),
+        ));
     }
 }
 

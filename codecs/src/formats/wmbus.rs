@@ -110,9 +110,9 @@
 //! - `battery = "pct" | "days"` (default `pct`): how to read 0xFD 0x74.
 
 use crate::parse::{finish, take_n, PError, PErrorKind, PResult};
+use crate::reading::push;
 use crate::registry::{CodecConfigError, CodecOptions};
 use crate::time::from_civil;
-use crate::reading::push;
 use crate::{hex, Codec, DecodeError, DeviceTime, Identity, Reading, Text, Value};
 
 pub const ID: &str = "wmbus";
@@ -753,10 +753,7 @@ fn bad_bcd<T>(data: &[u8], index: usize) -> PResult<'_, T> {
 fn le_signed(bytes: &[u8]) -> i64 {
     let bytes = bytes.get(..8).unwrap_or(bytes);
     // A byte loop, not a copy into a buffer: a copy of a run-time length is a memcpy call.
-    let v = bytes
-        .iter()
-        .rev()
-        .fold(0u64, |v, &b| v << 8 | u64::from(b));
+    let v = bytes.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b));
     let shift = 64 - 8 * bytes.len().clamp(1, 8) as u32;
     ((v << shift) as i64) >> shift
 }
@@ -1055,7 +1052,10 @@ impl Assembler {
         r.push("manufacturer", Value::Text(manufacturer(h.manufacturer)));
         r.push("version", Value::Int(i64::from(h.version)));
         r.push("device_type", Value::Int(i64::from(h.device_type)));
-        r.push("medium", Value::Text(Text::from_static(medium(h.device_type))));
+        r.push(
+            "medium",
+            Value::Text(Text::from_static(medium(h.device_type))),
+        );
         if let Some(tpl) = h.tpl {
             let s = tpl.status;
             r.push("status", Value::Int(i64::from(s)));
@@ -1082,7 +1082,12 @@ impl Assembler {
             });
         }
         let n = self.history.len();
-        let i = match self.history_marks.iter().take(n).position(|m| m.storage == storage) {
+        let i = match self
+            .history_marks
+            .iter()
+            .take(n)
+            .position(|m| m.storage == storage)
+        {
             Some(i) => i,
             None if n < MAX_HISTORY => {
                 let mut reading = Reading::with_capacity(MEASUREMENT, 8);
@@ -1290,7 +1295,10 @@ fn status_text(s: u8) -> Text {
         (s & 0x10 != 0, "temporary_error"),
         (s & 0xE0 != 0, "manufacturer_specific"),
     ];
-    let mut set = labels.iter().filter(|(set, _)| *set).map(|&(_, label)| label);
+    let mut set = labels
+        .iter()
+        .filter(|(set, _)| *set)
+        .map(|&(_, label)| label);
     // s != 0: at least one label is set.
     let first = set.next().unwrap_or_default();
     let Some(second) = set.next() else {

@@ -881,7 +881,6 @@ impl<'a> Machine<'a, '_> {
         Ok(())
     }
 
-    #[inline]
     fn finish_int(
         &mut self,
         e: &Emit,
@@ -1280,8 +1279,14 @@ mod tests {
 
     #[test]
     fn hex_text() {
-        assert_eq!(hex::encode_text_ordered(&[0x72, 0x40, 0x0a], false), "72400a");
-        assert_eq!(hex::encode_text_ordered(&[0x72, 0x40, 0x0a], true), "0a4072");
+        assert_eq!(
+            hex::encode_text_ordered(&[0x72, 0x40, 0x0a], false),
+            "72400a"
+        );
+        assert_eq!(
+            hex::encode_text_ordered(&[0x72, 0x40, 0x0a], true),
+            "0a4072"
+        );
     }
 
     #[test]

@@ -216,7 +216,7 @@ fn parse_header(input: &[u8]) -> PResult<'_, Header<'_>> {
 
 /// The first reading: the frame's own fields and the sender's identity.
 fn frame_reading(h: &Header<'_>) -> Reading {
-    // Checked ASCII by the parser; short enough to be stored inline (no allocation).
+    // Checked ASCII by the parser; all but the 20-digit ICCID are stored inline.
     let text = |b: &[u8]| Text::from_ascii(b).unwrap_or_default();
     let mut r = Reading::with_capacity(MEASUREMENT, 20);
     let mut push = |name: &'static str, value: Value| r.push(Name::Static(name), value);

@@ -503,13 +503,17 @@ pub(super) fn parse(
             if rec.channels > 0 && nibble <= last_nibble {
                 // The first record stays even without fields; a later one without fields
                 // is reused for the next.
-                let last = records.len() - 1;
+                let last = records.len().saturating_sub(1);
                 if let Some(done) = records.last_mut() {
                     rec.finish(done);
                     if last == 0 || !done.fields.is_empty() {
                         // Samples of one frame are alike: reserve what the last one
                         // needed, and at least the 4 fields a first push would.
-                        let fields = if last == 0 { 4 } else { done.fields.len().max(4) };
+                        let fields = if last == 0 {
+                            4
+                        } else {
+                            done.fields.len().max(4)
+                        };
                         let next = Reading::with_capacity(measurement.clone(), fields);
                         push(&mut records, next);
                     }
@@ -815,7 +819,10 @@ fn decode_channel(
         }
         Kind::TslVersion => {
             let [major, minor] = b.bytes();
-            r.put("tsl_version", Value::Text(format!("v{major}.{minor}").into()));
+            r.put(
+                "tsl_version",
+                Value::Text(format!("v{major}.{minor}").into()),
+            );
         }
         Kind::SerialNumber { len } => {
             let n = usize::from(len);
