@@ -45,7 +45,7 @@ fn start(dir: &Path, profiles: &Path) -> Gateway {
     std::fs::write(
         &config,
         format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n[profiles]\ndir = \"{}\"\n",
+            "[coap]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n[profiles]\ndir = \"{}\"\n",
             dir.join("data/gateway.db").display(),
             profiles.display()
         ),
