@@ -372,8 +372,12 @@ pub(crate) fn run(
     if payload.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let first = Reading::with_capacity(measurement.clone(), program.main_fields);
-    let out = vec![first];
+    // The first reading is built in its place in the output (see `Reading::push`).
+    let mut out = Vec::with_capacity(1);
+    crate::reading::push(
+        &mut out,
+        Reading::with_capacity(measurement.clone(), program.main_fields),
+    );
     let mut m = Machine {
         data: payload,
         vars: [0; MAX_VARS],
@@ -403,8 +407,11 @@ pub(crate) fn run(
         out.retain(|r| !r.fields.is_empty());
     }
     if let Some(id) = m.identity {
-        for r in &mut out {
-            r.identity = Some(id.clone());
+        if let Some((last, rest)) = out.split_last_mut() {
+            for r in rest {
+                r.identity = Some(id.clone());
+            }
+            last.identity = Some(id);
         }
     }
     Ok(out)
