@@ -16,9 +16,11 @@
 //!
 //! Pure payload decoding lives in the `nbiot-codecs` crate; nothing here re-implements it.
 
+pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod pipeline;
 pub mod profiles;
 pub mod registry;

@@ -18,8 +18,10 @@ pub(super) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 when every check passes, else 503; the body lists each check either way:
+/// 200 when every critical check passes, else 503; the body lists each check either way:
 /// `{"status":"ready","checks":{"store":{"ok":true},"profiles":{"ok":true,"loaded":5}}}`.
+/// A failing non-critical check (forwarder, Alertmanager; see [`crate::health`]) keeps 200
+/// with `"status":"degraded"`.
 pub(super) async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Value>) {
     let store = std::sync::Arc::clone(state.registry.store());
     // On timeout the blocking probe keeps running and finishes on its own; it is one
@@ -43,7 +45,32 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<V
     } else {
         json!({ "ok": false, "loaded": 0, "error": "no device profile is loaded" })
     };
-    let ready = probe.is_ok() && profiles_ok;
+    let mut checks = serde_json::Map::new();
+    checks.insert("store".into(), store_check.clone());
+    checks.insert("profiles".into(), profiles_check.clone());
+    let mut critical_ok = true;
+    let mut degraded = false;
+    for (name, check) in state.health().snapshot() {
+        if !check.ok {
+            if check.critical {
+                critical_ok = false;
+            } else {
+                degraded = true;
+            }
+        }
+        let mut detail = match check.detail {
+            Value::Object(m) => m,
+            Value::Null => serde_json::Map::new(),
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("detail".into(), other);
+                m
+            }
+        };
+        detail.insert("ok".into(), Value::Bool(check.ok));
+        checks.insert(name.into(), Value::Object(detail));
+    }
+    let ready = probe.is_ok() && profiles_ok && critical_ok;
     if !ready {
         tracing::debug!(store = %store_check, profiles = %profiles_check, "Not ready.");
     }
@@ -53,8 +80,12 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<V
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "store": store_check, "profiles": profiles_check },
+        "status": match (ready, degraded) {
+            (false, _) => "not_ready",
+            (true, true) => "degraded",
+            (true, false) => "ready",
+        },
+        "checks": checks,
     });
     (status, Json(body))
 }

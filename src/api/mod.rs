@@ -36,6 +36,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use thiserror::Error;
 
+use crate::health::Health;
+
 pub use auth::Auth;
 pub use error::ApiError;
 pub use profiles::{reload_profiles, ReloadFn, ReloadOutcome};
@@ -73,6 +75,8 @@ pub struct ApiState {
     /// Renders `GET /metrics`; None when no recorder is installed (tests, or a second
     /// gateway in one process).
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Component checks `/readyz` reports besides the store and profiles.
+    health: Health,
 }
 
 impl ApiState {
@@ -86,6 +90,7 @@ impl ApiState {
             reload_lock: Arc::default(),
             reads,
             metrics: None,
+            health: Health::default(),
         }
     }
 
@@ -96,6 +101,16 @@ impl ApiState {
     ) -> ApiState {
         self.metrics = Some(handle);
         self
+    }
+
+    /// Report these component checks in `/readyz` (see [`crate::health`]).
+    pub fn with_health(mut self, health: Health) -> ApiState {
+        self.health = health;
+        self
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// What `POST /api/v1/profiles/reload` runs (on the blocking pool): typically

@@ -75,12 +75,23 @@ pub enum AlertKind {
     Inactive,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Critical,
     Warning,
     Info,
+}
+
+impl Severity {
+    /// The `severity` label / column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        }
+    }
 }
 
 /// One `[[alerts]]` rule. Stored and checked here (names, durations, the fields it

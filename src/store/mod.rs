@@ -44,6 +44,16 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_ingest",
         sql: include_str!("../../migrations/0002_ingest.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_forward",
+        sql: include_str!("../../migrations/0003_forward.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_alerts",
+        sql: include_str!("../../migrations/0004_alerts.sql"),
+    },
 ];
 
 /// `PRAGMA application_id` of our database files ("NBGT"): tells our file from any other

@@ -32,6 +32,28 @@ pub const MQTT_CONNECTED: &str = "nbiot_mqtt_connected";
 pub const MQTT_RECONNECTS: &str = "nbiot_mqtt_reconnects_total";
 pub const MQTT_INFLIGHT: &str = "nbiot_mqtt_inflight_messages";
 
+// --- forwarder (src/forward/) ---
+/// Write requests to the TSDB, by `result` (ok | retry | too_large | bad_request | partial | auth).
+pub const FORWARD_REQUESTS: &str = "nbiot_forward_requests_total";
+/// Duration of one write request (sent to answered).
+pub const FORWARD_WRITE_DURATION: &str = "nbiot_forward_write_duration_seconds";
+/// Age of the oldest committed point not yet forwarded (0 when none).
+pub const FORWARD_BACKLOG_AGE: &str = "nbiot_forward_backlog_age_seconds";
+/// 1 while the forwarder delivers (or has nothing to deliver), 0 while it is failing.
+pub const FORWARD_HEALTHY: &str = "nbiot_forward_healthy";
+/// Points moved to the dead-letter table (also counted in FORWARD_POINTS{result="dead_letter"}).
+pub const FORWARD_DEAD_LETTERS: &str = "nbiot_forward_dead_letters";
+
+// --- alert rules (src/rules/) and delivery (src/alerts/) ---
+/// POSTs to Alertmanager, by `result` (ok | error).
+pub const ALERT_PUSHES: &str = "nbiot_alertmanager_pushes_total";
+/// 1 while Alertmanager accepts our pushes (or none is configured), else 0.
+pub const ALERT_PUSH_HEALTHY: &str = "nbiot_alertmanager_up";
+/// Receipt of the uplink that caused a transition → the Alertmanager POST carrying it, by severity.
+pub const ALERT_PUSH_LATENCY: &str = "nbiot_alert_push_latency_seconds";
+/// Alert events the notifier's queue had no room for (it then reloads from the store).
+pub const ALERT_EVENTS_DROPPED: &str = "nbiot_alert_events_dropped_total";
+
 /// Values of the `reason` label of [`UPLINKS_REJECTED`].
 pub mod reason {
     pub const UNKNOWN_DEVICE: &str = "unknown_device";
