@@ -260,6 +260,10 @@ pub struct PipelineConfig {
     pub unavailable_retry_after: Duration,
     /// "Now" for retention. Default: the system clock.
     pub clock: Clock,
+    /// Where the writer sends each committed alert transition (`try_send`: a full queue
+    /// drops the event, counts it, and the notifier reloads from the store). None: alerts
+    /// are still evaluated, stored and counted, but nobody is told.
+    pub alert_events: Option<tokio::sync::mpsc::Sender<crate::alerts::AlertEvent>>,
 }
 
 impl std::fmt::Debug for PipelineConfig {
@@ -304,6 +308,7 @@ impl PipelineConfig {
             overload_retry_after: Duration::from_secs(5),
             unavailable_retry_after: Duration::from_secs(30),
             clock: system_clock(),
+            alert_events: None,
         }
     }
 }
