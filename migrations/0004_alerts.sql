@@ -7,7 +7,10 @@
 -- Never edit a migration that has shipped: add the next numbered file instead.
 
 -- The rules of a device that are not inactive, one row per (device, rule). A rule whose
--- condition does not hold has no row (the common case costs nothing).
+-- condition does not hold has no row (the common case costs nothing). The pipeline loads
+-- this table at start, so `for` keeps counting from active_since_ms across a restart and a
+-- firing alert stays firing. For `kind = "inactive"` rules, active_since_ms is the device's
+-- last uplink and firing_since_ms the silence deadline.
 CREATE TABLE alert_state (
     device          TEXT    NOT NULL,
     rule            TEXT    NOT NULL,
@@ -16,11 +19,13 @@ CREATE TABLE alert_state (
     state           TEXT    NOT NULL,
     -- 'critical' | 'warning' | 'info'
     severity        TEXT    NOT NULL,
-    -- When the condition started to hold (pending since), ms since the Unix epoch.
+    -- When the condition started to hold (pending since), ms since the Unix epoch, on the
+    -- rule clock (the reading's time: the device's clock when plausible, else receipt).
     active_since_ms INTEGER NOT NULL,
     -- When the rule fired; NULL while pending.
     firing_since_ms INTEGER,
-    -- The value that made it fire (the left side of the comparison, or 1/0), if numeric.
+    -- The value that decided the last transition (the left side of the deciding comparison,
+    -- 1/0 for a boolean field, the seconds of silence for inactive rules), if numeric.
     value           REAL,
     -- The summary, interpolated when the state was entered.
     summary         TEXT    NOT NULL,
@@ -39,10 +44,14 @@ CREATE TABLE alert_transitions (
     severity  TEXT    NOT NULL,
     -- 'pending' | 'firing' | 'resolved'
     state     TEXT    NOT NULL,
-    -- When the transition happened, ms since the Unix epoch (the uplink's receive time, or
-    -- the silence deadline for inactive rules).
+    -- When the transition happened, ms since the Unix epoch: the rule clock of the reading
+    -- that caused it (the reading's time: the device's clock when plausible, else the
+    -- receive time); for inactive rules the silence deadline (firing) or the receive time of
+    -- the uplink that ended it (resolved).
     time_ms   INTEGER NOT NULL,
-    -- When the alert started firing (firing and resolved rows; NULL for pending).
+    -- When the alert started firing (firing and resolved rows). NULL for pending, and for a
+    -- pending rule whose condition stopped holding before it fired (resolved, never fired:
+    -- nothing to tell Alertmanager).
     starts_ms INTEGER,
     value     REAL,
     summary   TEXT    NOT NULL

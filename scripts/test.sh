@@ -15,6 +15,10 @@ declare -A NEEDED=(
   [prometheus]=promtool
   [prometheus-alertmanager]=prometheus-alertmanager
   [libcoap3-bin]=coap-client-notls
+  # tests/ops_systemd.rs: `systemd-analyze verify` of ops/systemd/nbiot-gateway.service
+  [systemd]=systemd-analyze
+  # tests/ops_backup.rs: the README's online backup, `sqlite3 gateway.db "VACUUM INTO …"`
+  [sqlite3]=sqlite3
 )
 missing=()
 for pkg in "${!NEEDED[@]}"; do

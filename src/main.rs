@@ -5,15 +5,16 @@ use std::process::ExitCode;
 use clap::Parser;
 use nbiot_gateway::cli::{self, Cli, Command, ProfilesCommand};
 use nbiot_gateway::config::{Config, DEFAULT_CONFIG};
+use nbiot_gateway::telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 /// Loads the config, starts logging and a runtime, and runs until SIGINT or SIGTERM.
-fn run(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+fn run(config: Option<std::path::PathBuf>, log_format: LogFormat) -> anyhow::Result<()> {
     let config = match config {
         Some(path) => Config::load(&path)?,
         None => Config::default(),
     };
-    nbiot_gateway::telemetry::init_logging();
+    nbiot_gateway::telemetry::init_logging(log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -42,7 +43,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config, log_format } => run(config, log_format),
         Command::Decode(args) => cli::decode::run(args),
         Command::Profiles {
             command: ProfilesCommand::Check { dir },

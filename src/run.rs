@@ -2,15 +2,17 @@
 //! shutdown is requested, then stops them in order.
 //!
 //! Today that is the store, the device registry, the profiles (reloaded on SIGHUP), the
-//! ingest pipeline (shards, group-commit writer, retention) and the HTTP API. The ingest
-//! listeners (CoAP, MQTT) are started in `start_sources` with the pipeline's handle.
+//! ingest pipeline (shards, group-commit writer, retention), the Alertmanager notifier
+//! (with `[alertmanager]`) and the HTTP API. The ingest listeners (CoAP, MQTT) are started
+//! in `start_sources` with the pipeline's handle.
 //!
 //! Shutdown is a [`CancellationToken`] passed in (mini-redis style): `main` cancels it on
 //! SIGINT/SIGTERM, tests cancel it directly. Every task is tracked, and `run` returns only
 //! after all of them have finished. The ingest path stops in flow order, so nothing a
 //! device was (or will be) acknowledged for is lost: the sources stop taking uplinks and
 //! finish the ones in flight, then the pipeline drains its shards, commits and answers
-//! everything it accepted, and its writer thread ends.
+//! everything it accepted, and its writer thread ends. The forwarder (when `[influxdb]` is
+//! configured) stops after that, with one bounded final flush of what was committed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,8 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::alerts::{self, NotifierSettings};
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::forward::{Forwarder, ForwarderSettings};
+use crate::health::Health;
 use crate::pipeline::{Pipeline, PipelineConfig, PipelineHandle};
 use crate::profiles::{self, LoadReport, SharedProfiles};
 use crate::registry::Registry;
@@ -90,16 +95,51 @@ pub async fn run(
         .context("cannot load the device registry")?;
     info!(path = %config.store.path.display(), devices = registry.len(), "Store opened.");
 
+    // Component checks `/readyz` reports (forwarder, Alertmanager notifier): one, shared.
+    let health = Health::default();
+
+    // Alertmanager notifier: takes the writer's committed alert transitions; stopped after
+    // the pipeline has drained, so the last commits' transitions are pushed too.
+    let (alert_events, notifier) = match &config.alertmanager {
+        Some(am) => {
+            let settings = NotifierSettings::from_config(am).context("[alertmanager]")?;
+            let (tx, handle) = alerts::start_notifier(settings, &registry, health.clone())
+                .context("[alertmanager]")?;
+            (Some(tx), Some(handle))
+        }
+        None => {
+            // "Up" when none is configured (see the metric's help).
+            ::metrics::gauge!(crate::telemetry::metrics::ALERT_PUSH_HEALTHY).set(1.0);
+            (None, None)
+        }
+    };
+
     let pipeline = Pipeline::start(
         PipelineConfig {
             // Retention keeps what a forwarder has not delivered yet.
             forwarding: config.influxdb.is_some(),
+            alert_events,
             ..PipelineConfig::new(&config.store)
         },
         registry.clone(),
     )
     .await
     .context("cannot start the ingest pipeline")?;
+
+    // Forwarder to the TSDB (src/forward/): reads what the pipeline commits, behind its own
+    // persisted cursor; stopped after the pipeline has drained (one bounded final flush).
+    let forwarder = match &config.influxdb {
+        Some(influx) => Some(
+            Forwarder::start(
+                ForwarderSettings::from_config(influx),
+                &config.store.path,
+                health.clone(),
+            )
+            .await
+            .context("cannot start the forwarder ([influxdb])")?,
+        ),
+        None => None,
+    };
 
     let listener = TcpListener::bind(config.http.listen)
         .await
@@ -108,7 +148,8 @@ pub async fn run(
     let state = {
         let dir = dir.clone();
         let state = ApiState::new(registry.clone(), &config.http.tokens)
-            .with_reload(move || load_profiles(&dir));
+            .with_reload(move || load_profiles(&dir))
+            .with_health(health.clone());
         match metrics {
             Some(handle) => state.with_metrics(handle),
             None => state,
@@ -140,6 +181,9 @@ pub async fn run(
             shutdown.cancel();
             sources.wait().await;
             pipeline.shutdown().await?;
+            if let Some(n) = notifier {
+                n.shutdown().await;
+            }
             tasks.wait().await;
             return Err(e);
         }
@@ -164,7 +208,16 @@ pub async fn run(
     sources.wait().await;
     // 2. Shards drain, the writer commits and answers everything accepted, then stops.
     let drained = pipeline.shutdown().await;
-    // 3. Everything else (HTTP API, reload).
+    // 3. The Alertmanager notifier pushes what those commits raised (bounded), then stops.
+    if let Some(n) = notifier {
+        n.shutdown().await;
+    }
+    // 3b. The forwarder sends what is committed, for at most FINAL_FLUSH; the rest waits in
+    //     the store behind its cursor for the next start.
+    if let Some(f) = forwarder {
+        f.shutdown(crate::forward::FINAL_FLUSH).await;
+    }
+    // 4. Everything else (HTTP API, reload).
     tasks.wait().await;
     drained.context("the ingest pipeline did not stop cleanly")?;
     info!("Gateway stopped.");

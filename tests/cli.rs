@@ -180,7 +180,7 @@ fn profiles_check_names_file_and_line_of_every_problem() {
         (
             "unknown-field.toml",
             "name = \"d\"\nmeasurement = \"m\"\ncodec = \"cjt188\"\n\n[[alerts]]\nname = \"x\"\nexpr = \"volume_m4 > 1\"\nseverity = \"info\"\n",
-            ":7:8: alert `x` references field `volume_m4`, which codec `cjt188` never produces (did you mean `volume_m3`?)",
+            ":7:9: alert `x` references field `volume_m4`, which codec `cjt188` never produces (did you mean `volume_m3`?)",
         ),
         (
             "wrong-example.toml",

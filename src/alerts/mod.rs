@@ -12,6 +12,11 @@
 //! queue is full the event is counted and dropped, and the notifier reloads the firing set
 //! from `alert_state` (it does the same at start), so Alertmanager still converges.
 
+pub mod alertmanager;
+pub mod notifier;
+
+pub use notifier::{start as start_notifier, NotifierHandle, NotifierSettings};
+
 use crate::profiles::Severity;
 
 /// The lifecycle states a transition enters (`inactive` is the absence of state).

@@ -17,7 +17,9 @@
 //! | `GET /api/v1/devices`, `GET /api/v1/devices/{id}` | read |
 //! | `PUT`/`DELETE /api/v1/devices/{id}`, `POST /api/v1/devices/import` | admin |
 //! | `GET /api/v1/devices/{id}/latest`, `GET /api/v1/devices/{id}/readings` | read |
+//! | `GET /api/v1/alerts` | read |
 
+pub mod alerts;
 pub mod auth;
 mod devices;
 mod error;
@@ -216,13 +218,14 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/devices/{id}/latest", get(readings::latest))
         .route("/api/v1/devices/{id}/readings", get(readings::readings))
+        .route("/api/v1/alerts", get(alerts::list))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
 /// `GET /metrics`: Prometheus text exposition (open, like the health endpoints: it names
-/// no device). Gauges that mirror state are refreshed here, at scrape time.
+/// no device). See [`crate::telemetry::metrics::render`].
 async fn metrics(
     axum::extract::State(state): axum::extract::State<ApiState>,
 ) -> axum::response::Response {
@@ -234,16 +237,12 @@ async fn metrics(
         )
             .into_response();
     };
-    for (profile, n) in state.registry.count_by_profile() {
-        ::metrics::gauge!(crate::telemetry::metrics::DEVICES_REGISTERED, "profile" => profile)
-            .set(n as f64);
-    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        handle.render(),
+        crate::telemetry::metrics::render(handle),
     )
         .into_response()
 }

@@ -183,6 +183,7 @@ pub async fn reload_profiles(state: &ApiState) -> Result<ReloadOutcome, ApiError
         .filter(|n| next.get(n).is_none())
         .collect();
     shared.replace(next);
+    state.registry.publish_metrics();
     let counts = state.registry.count_by_profile();
     let devices_without_profile = removed
         .iter()

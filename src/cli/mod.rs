@@ -27,6 +27,9 @@ pub enum Command {
         /// Config file; without it the embedded defaults apply (see `print-config`).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Log line format on stderr (filter with RUST_LOG, e.g. `info,nbiot_gateway=debug`).
+        #[arg(long, value_enum, env = "NBIOT_LOG_FORMAT", default_value_t = crate::telemetry::LogFormat::Text)]
+        log_format: crate::telemetry::LogFormat,
     },
     /// Decode one payload and print the readings as JSON.
     Decode(decode::DecodeArgs),

@@ -56,7 +56,7 @@ pub enum MqttMode {
 }
 
 /// `[mqtt]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     pub mode: MqttMode,
@@ -81,6 +81,22 @@ impl Default for MqttConfig {
             password: None,
             shared_group: None,
         }
+    }
+}
+
+/// The password is a secret: never printed, so a logged config cannot leak it.
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("mode", &self.mode)
+            .field("listen", &self.listen)
+            .field("url", &self.url)
+            .field("topics", &self.topics)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("shared_group", &self.shared_group)
+            .finish()
     }
 }
 
@@ -163,6 +179,17 @@ pub struct InfluxConfig {
     pub flush_interval: Duration,
     #[serde(default = "default_true")]
     pub gzip: bool,
+    /// Device labels written as tags besides `device` and `profile` (a bounded set: every
+    /// distinct value is a new series in the TSDB).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// A batch is sent once its line protocol reaches this many bytes (before gzip), even
+    /// with fewer than `batch_size` lines.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// How long one write request may take (connect, send, answer) before it is retried.
+    #[serde(default = "default_influx_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for InfluxConfig {
@@ -175,6 +202,9 @@ impl std::fmt::Debug for InfluxConfig {
             .field("batch_size", &self.batch_size)
             .field("flush_interval", &self.flush_interval)
             .field("gzip", &self.gzip)
+            .field("tags", &self.tags)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -188,6 +218,15 @@ fn default_flush_interval() -> Duration {
 fn default_true() -> bool {
     true
 }
+fn default_batch_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_influx_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// At most this many `[influxdb] tags`: each one multiplies the series a TSDB keeps.
+pub const MAX_INFLUX_TAGS: usize = 8;
 
 /// `[alertmanager]` — absent means no push.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -270,7 +309,7 @@ impl Config {
                 path: path.to_owned(),
                 line,
                 column,
-                message,
+                message: with_hint(message),
             }
         };
         // Expand in the parsed document's strings, not in the raw text, so a `${` inside a
@@ -340,9 +379,92 @@ impl Config {
                     i.url
                 ));
             }
+            if i.batch_bytes < 1024 {
+                return Err("[influxdb] batch_bytes must be at least 1024".to_owned());
+            }
+            if i.timeout.is_zero() || i.flush_interval.is_zero() {
+                return Err("[influxdb] timeout and flush_interval must be above zero".to_owned());
+            }
+            if i.tags.len() > MAX_INFLUX_TAGS {
+                return Err(format!(
+                    "[influxdb] tags names {} labels; at most {MAX_INFLUX_TAGS} (each one multiplies the series the TSDB keeps)",
+                    i.tags.len()
+                ));
+            }
+            for (n, t) in i.tags.iter().enumerate() {
+                if !crate::registry::validate::is_valid_key(t) || t.starts_with('_') {
+                    return Err(format!(
+                        "[influxdb] tags: `{t}` is not a label name (a-z, 0-9, `_`, not starting with `_` or a digit)"
+                    ));
+                }
+                if t == "device" || t == "profile" {
+                    return Err(format!(
+                        "[influxdb] tags: `{t}` is always written; list only device labels"
+                    ));
+                }
+                if i.tags[..n].contains(t) {
+                    return Err(format!("[influxdb] tags: `{t}` is listed twice"));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// Adds what a reader needs to fix a refused value: the closest valid name for a misspelt
+/// key, section or variant ("did you mean `retention`?"), or the expected shape of a value.
+fn with_hint(message: String) -> String {
+    if let Some(hint) = did_you_mean(&message) {
+        return format!("{message}; did you mean `{hint}`?");
+    }
+    if message.contains("invalid socket address") {
+        return format!(
+            "{message}; write an IP address and port, e.g. \"0.0.0.0:5683\" or \"[::]:5683\""
+        );
+    }
+    message
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" (and "unknown variant"), the
+/// expected name closest to `x`, if it is close enough to be a typo.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (got, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected")?.1;
+    let candidates = expected.split('`').skip(1).step_by(2);
+    let (best, distance) = candidates
+        .map(|c| (c, edit_distance(&got.to_lowercase(), c)))
+        .min_by_key(|(_, d)| *d)?;
+    // Typos, not different words: at most a third of the name, and at least one edit.
+    (distance <= (best.len() / 3).max(1) || got.eq_ignore_ascii_case(best)).then(|| best.to_owned())
+}
+
+/// Levenshtein distance (keys are short: the quadratic table is a few hundred cells).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut row = Vec::with_capacity(b.len() + 1);
+        row.push(i + 1);
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev
+                .get(j)
+                .copied()
+                .unwrap_or(usize::MAX)
+                .saturating_add(usize::from(ca != *cb));
+            let delete = prev
+                .get(j + 1)
+                .copied()
+                .unwrap_or(usize::MAX)
+                .saturating_add(1);
+            let insert = row.get(j).copied().unwrap_or(usize::MAX).saturating_add(1);
+            row.push(substitute.min(delete).min(insert));
+        }
+        prev = row;
+    }
+    prev.last().copied().unwrap_or(0)
 }
 
 fn expand_env(
@@ -385,20 +507,62 @@ mod tests {
         assert_eq!(parsed, Config::default());
     }
 
+    fn refused(text: &str) -> String {
+        Config::parse(Path::new("g.toml"), text, |_| None)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
-    fn unknown_key_names_line_and_suggests() {
-        let err = Config::parse(
-            Path::new("g.toml"),
-            "[store]\npath = \"x\"\nretension = \"1d\"\n",
-            |_| None,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with("g.toml:3:1: unknown field `retension`"),
-            "{err}"
+    fn misspelt_names_get_the_closest_valid_one() {
+        assert_eq!(
+            refused("[store]\npath = \"x\"\nretension = \"1d\"\n"),
+            "g.toml:3:1: unknown field `retension`, expected one of `path`, `retention`, \
+             `commit_interval`; did you mean `retention`?"
         );
-        assert!(err.contains("retention"), "{err}");
+        // A section.
+        let err = refused("[stor]\npath = \"x\"\n");
+        assert!(err.starts_with("g.toml:1:"), "{err}");
+        assert!(err.ends_with("did you mean `store`?"), "{err}");
+        // A variant, and a case slip.
+        let err = refused("[mqtt]\nmode = \"embeded\"\n");
+        assert!(err.starts_with("g.toml:2:"), "{err}");
+        assert!(err.ends_with("did you mean `embedded`?"), "{err}");
+        assert!(refused("[mqtt]\nmode = \"OFF\"\n").ends_with("did you mean `off`?"));
+        // Nothing close: no guess.
+        let err = refused("[coap]\nbananas = 1\n");
+        assert!(err.contains("unknown field `bananas`"), "{err}");
+        assert!(!err.contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn bad_addresses_say_what_to_write() {
+        let err = refused("[coap]\nlisten = \"localhost\"\n");
+        assert!(err.starts_with("g.toml:2:"), "{err}");
+        assert!(err.contains("e.g. \"0.0.0.0:5683\""), "{err}");
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("retension", "retention"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("abc", ""), 3);
+        assert_eq!(edit_distance("flush_intreval", "flush_interval"), 2);
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let text = "[mqtt]\nmode = \"external\"\nusername = \"gw\"\npassword = \"${P}\"\n\
+                    [http]\n[[http.tokens]]\ntoken = \"${T}\"\nrole = \"admin\"\n\
+                    [influxdb]\nurl = \"http://127.0.0.1:8086\"\norg = \"o\"\nbucket = \"b\"\ntoken = \"${I}\"\n";
+        let c = Config::parse(Path::new("g.toml"), text, |n| {
+            Some(format!("secret-{n}-value"))
+        })
+        .unwrap();
+        assert_eq!(c.mqtt.password.as_deref(), Some("secret-P-value"));
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("secret-"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]
@@ -428,6 +592,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("INFLUX_TOKEN"), "{err}");
+    }
+
+    #[test]
+    fn influxdb_keys_have_defaults_and_tags_are_checked() {
+        let base = "[influxdb]\nurl = \"http://127.0.0.1:8086\"\norg = \"o\"\nbucket = \"b\"\n";
+        let c = Config::parse(Path::new("g.toml"), base, |_| None).unwrap();
+        let i = c.influxdb.unwrap();
+        assert_eq!(
+            (
+                i.batch_size,
+                i.batch_bytes,
+                i.flush_interval,
+                i.timeout,
+                i.gzip
+            ),
+            (
+                5000,
+                4 << 20,
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                true
+            )
+        );
+        assert!(i.tags.is_empty());
+        let with =
+            |extra: &str| Config::parse(Path::new("g.toml"), &format!("{base}{extra}"), |_| None);
+        let ok = with("tags = [\"district\", \"site\"]\ntimeout = \"2s\"\n").unwrap();
+        assert_eq!(ok.influxdb.unwrap().tags, ["district", "site"]);
+        for (extra, says) in [
+            ("tags = [\"device\"]\n", "always written"),
+            ("tags = [\"District\"]\n", "not a label name"),
+            ("tags = [\"_x\"]\n", "not a label name"),
+            ("tags = [\"a\", \"a\"]\n", "listed twice"),
+            (
+                "tags = [\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\",\"h\",\"i\"]\n",
+                "at most 8",
+            ),
+            ("batch_bytes = 10\n", "batch_bytes"),
+            ("timeout = \"0s\"\n", "above zero"),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -20,12 +20,20 @@
 //!   [`PipelineHandle`]) and the running [`Pipeline`] (start, retention on demand, shutdown
 //!   in flow order);
 //! - `shard`: one task per shard — lookup, token, profile, decode, reading times, frame
-//!   counters; answers what is not committed;
+//!   counters, alert rules and silence timers; answers what is not committed;
 //! - [`state`]: per-device frame-counter state and the gap/reset/wrap rules;
-//! - `writer`: the group-commit writer thread, its bounded queue, the acknowledgements;
+//! - `writer`: the group-commit writer thread, its bounded queue, the acknowledgements,
+//!   alert transitions and events;
 //! - `retention`: the periodic deletion of expired rows, through the writer.
 //!
-//! The SQL is in [`crate::store::ingest`]; the schema in `migrations/0002_ingest.sql`.
+//! Alert rules run inside this flow: each shard owns its devices' rule state
+//! ([`crate::rules::ShardRules`], loaded from `alert_state` at start), evaluates each reading
+//! and runs the silence timers; the transitions ride in the uplink's job and the writer
+//! commits them in the same transaction, then sends [`crate::alerts::AlertEvent`]s to
+//! [`PipelineConfig::alert_events`] (see `writer`).
+//!
+//! The SQL is in [`crate::store::ingest`] and [`crate::store::alerts`]; the schema in
+//! `migrations/0002_ingest.sql` and `migrations/0004_alerts.sql`.
 //!
 //! # The guarantee
 //!
@@ -51,10 +59,16 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertState;
 use crate::config::StoreConfig;
+use crate::profiles::Severity;
 use crate::registry::Registry;
+use crate::rules::{ShardRules, Transition};
+use crate::store::alerts::{self as alert_store, StoredAlert};
 use crate::store::ingest::{self, Pruned};
+use crate::store::query::ReadPool;
 use crate::store::StoreError;
+use crate::telemetry::metrics as m;
 
 /// How an uplink arrived (a closed set: it is a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -258,7 +272,8 @@ pub struct PipelineConfig {
     pub overload_retry_after: Duration,
     /// The retry hint of `Reject::Unavailable` when a commit fails. Default 30 s.
     pub unavailable_retry_after: Duration,
-    /// "Now" for retention. Default: the system clock.
+    /// "Now" for retention and for alert-rule silence deadlines (`kind = "inactive"`).
+    /// Default: the system clock. Tests that pause tokio time pass a clock that follows it.
     pub clock: Clock,
     /// Where the writer sends each committed alert transition (`try_send`: a full queue
     /// drops the event, counts it, and the notifier reloads from the store). None: alerts
@@ -387,13 +402,24 @@ impl Pipeline {
 
         let path = registry.store().path().to_owned();
         let busy_timeout = config.busy_timeout;
-        let (conn, last_sequences) = tokio::task::spawn_blocking(move || {
-            let conn = ingest::open_writer(&path, busy_timeout)?;
-            let seqs = ingest::load_sequences(&conn)?;
-            Ok::<_, StoreError>((conn, seqs))
-        })
-        .await
-        .map_err(StoreError::from)??;
+        let start_ms = (config.clock)();
+        let (conn, last_sequences, stored_alerts, last_seen) =
+            tokio::task::spawn_blocking(move || {
+                let mut conn = ingest::open_writer(&path, busy_timeout)?;
+                let seqs = ingest::load_sequences(&conn)?;
+                let orphans = alert_store::resolve_unregistered(&mut conn, start_ms)?;
+                if orphans > 0 {
+                    tracing::info!(
+                        alerts = orphans,
+                        "Resolved the alerts of devices that are no longer registered."
+                    );
+                }
+                let stored = alert_store::load_state(&conn)?;
+                let last_seen = alert_store::load_last_seen(&conn)?;
+                Ok::<_, StoreError>((conn, seqs, stored, last_seen))
+            })
+            .await
+            .map_err(StoreError::from)??;
         let mut sequences: Vec<state::Sequences> = (0..n).map(|_| Default::default()).collect();
         let devices_with_counter = last_sequences.len();
         for (device, seq) in last_sequences {
@@ -401,6 +427,8 @@ impl Pipeline {
                 s.insert(device, seq);
             }
         }
+
+        let (rules, stale) = load_rules(&handle, &registry, n, start_ms, stored_alerts, last_seen);
 
         let (queue, rx) = writer::queue(config.writer_queue);
         let depth = Arc::new(writer::QueueDepth::new(n));
@@ -412,18 +440,32 @@ impl Pipeline {
                 commit_interval: config.commit_interval,
                 max_batch: config.max_batch,
                 unavailable_retry_after: config.unavailable_retry_after,
+                alert_events: config.alert_events.clone(),
             },
             Arc::clone(&depth),
         )
         .map_err(PipelineError::Spawn)?;
 
+        if !stale.is_empty() {
+            tracing::info!(
+                alerts = stale.len(),
+                "Resolving alerts whose rule or profile no longer exists."
+            );
+            queue
+                .send(writer::Job::Alerts(stale))
+                .await
+                .map_err(|_| PipelineError::WriterStopped)?;
+        }
+
+        let reads = Arc::new(ReadPool::new(registry.store().path()));
         let stop = CancellationToken::new();
         let shards = shard_rx
             .into_iter()
             .zip(note_rx)
             .zip(sequences)
+            .zip(rules)
             .enumerate()
-            .map(|(index, ((uplinks, notes), sequences))| {
+            .map(|(index, (((uplinks, notes), sequences), rules))| {
                 let shard = shard::Shard {
                     index,
                     registry: registry.clone(),
@@ -431,6 +473,9 @@ impl Pipeline {
                     sequences,
                     depth: Arc::clone(&depth),
                     unavailable_retry_after: config.unavailable_retry_after,
+                    rules,
+                    clock: Arc::clone(&config.clock),
+                    reads: Arc::clone(&reads),
                 };
                 tokio::spawn(shard.run(uplinks, notes, stop.clone()))
             })
@@ -526,6 +571,90 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Builds each shard's rule state from the store at start: the pending and firing alerts
+/// (`alert_state`) and every watched device's last uplink. Returns the shards' states and
+/// the `resolved` transitions of stored alerts that no longer apply (the device's profile
+/// is not loaded, or no longer has the rule). Also sets `nbiot_alerts_firing` and
+/// `nbiot_devices_silent` to what was loaded.
+fn load_rules(
+    handle: &PipelineHandle,
+    registry: &Registry,
+    shards: usize,
+    start_ms: i64,
+    stored: Vec<StoredAlert>,
+    last_seen: Vec<(String, i64)>,
+) -> (Vec<ShardRules>, Vec<Transition>) {
+    let mut rules: Vec<ShardRules> = (0..shards).map(|_| ShardRules::new(start_ms)).collect();
+    let profiles = registry.profiles().current();
+    let mut stale = Vec::new();
+    let (mut restored, mut watched) = (0usize, 0usize);
+    for row in stored {
+        let Some(device) = registry.lookup(&row.device) else {
+            continue; // resolved in SQL before (resolve_unregistered)
+        };
+        let severity = match row.severity.as_str() {
+            "critical" => Severity::Critical,
+            "warning" => Severity::Warning,
+            _ => Severity::Info,
+        };
+        let firing = row.state == "firing";
+        if firing {
+            metrics::gauge!(m::ALERTS_FIRING, "profile" => row.profile.clone(), "rule" => row.rule.clone(), "severity" => severity.as_str()).increment(1.0);
+        }
+        let Some(shard) = rules.get_mut(handle.shard_of(&row.device)) else {
+            continue;
+        };
+        let set = profiles
+            .get(device.profile())
+            .filter(|p| p.name == row.profile)
+            .and_then(|p| shard.rule_set(p));
+        if set.is_some_and(|set| shard.restore(&device, &set, &row)) {
+            restored += 1;
+            continue;
+        }
+        stale.push(Transition {
+            device,
+            profile: row.profile.as_str().into(),
+            rule: row.rule.as_str().into(),
+            severity,
+            state: AlertState::Resolved,
+            at_ms: start_ms.max(row.active_since_ms),
+            since_ms: row.active_since_ms,
+            starts_ms: if firing { row.firing_since_ms } else { None },
+            value: None,
+            summary: format!(
+                "{}: rule `{}` no longer applies to {}",
+                row.profile, row.rule, row.device
+            ),
+            received_at_ms: None,
+            silent: 0,
+        });
+    }
+    for (id, seen_ms) in last_seen {
+        let Some(device) = registry.lookup(&id) else {
+            continue;
+        };
+        let Some(profile) = profiles.get(device.profile()) else {
+            continue;
+        };
+        let Some(shard) = rules.get_mut(handle.shard_of(&id)) else {
+            continue;
+        };
+        if let Some(set) = shard.rule_set(profile).filter(|s| !s.inactive.is_empty()) {
+            shard.watch(&device, &set, seen_ms);
+            watched += 1;
+        }
+    }
+    for shard in &rules {
+        for (profile, n) in shard.silent_by_profile() {
+            metrics::gauge!(m::DEVICES_SILENT, "profile" => profile.to_string())
+                .increment(n as f64);
+        }
+    }
+    tracing::info!(restored, watched, "Loaded alert-rule state.");
+    (rules, stale)
 }
 
 impl Drop for Pipeline {

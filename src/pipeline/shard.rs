@@ -11,6 +11,16 @@
 //! profile (counted in `nbiot_uplinks_rejected_total`), and `Unavailable` if the writer
 //! has stopped. Everything else is answered by the writer after the commit.
 //!
+//! # Alert rules
+//!
+//! The shard also owns its devices' alert-rule state ([`ShardRules`]): each uplink that
+//! will be committed ends its device's silence and restarts its silence timer, and each
+//! decoded reading is evaluated by the profile's condition rules; the transitions ride in
+//! the uplink's [`CommitJob`]. Silence deadlines are one timer per shard (the earliest
+//! deadline); when it fires, the due devices' inactive rules fire in a job of their own. A
+//! device whose rules use `delta`/`rate` gets its recent history read back from the store
+//! on its first reading after a start (one indexed query, off the async workers).
+//!
 //! # Reading time
 //!
 //! A reading carries the device's own time when its payload has one and it is plausible,
@@ -38,14 +48,26 @@ use metrics::{Counter, Histogram};
 use nbiot_codecs::DeviceTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::state::{counter_bits, SeqStep, Sequences};
 use super::writer::{CommitJob, Decoded, Job, QueueDepth, WriterQueue};
-use super::{Outcome, Reject, Transport, Uplink};
-use crate::registry::Registry;
+use super::{Clock, Outcome, Reject, Transport, Uplink};
+use crate::profiles::{Profile, ProfileSet};
+use crate::registry::{Device, Registry};
+use crate::rules::engine::Issue;
+use crate::rules::state::Lookup;
+use crate::rules::{RuleSet, ShardRules, Transition};
 use crate::store::ingest::{encode_fields, NewReading};
+use crate::store::query::ReadPool;
+use crate::store::{alerts as alert_store, StoreError};
 use crate::telemetry::metrics as m;
+
+/// Devices whose silence deadline passed, handled per timer tick; after a tick the shard
+/// takes up to [`UPLINKS_PER_TICK`] uplinks before the next, so a mass expiry (after a
+/// network outage) does not stall ingest.
+const EXPIRIES_PER_TICK: usize = 256;
+const UPLINKS_PER_TICK: u32 = 64;
 
 /// 2000-01-01T00:00:00Z: the earliest device time believed.
 pub const EARLIEST_DEVICE_TIME_S: i64 = 946_684_800;
@@ -129,6 +151,25 @@ pub(super) struct Shard {
     pub sequences: Sequences,
     pub depth: Arc<QueueDepth>,
     pub unavailable_retry_after: Duration,
+    /// Alert-rule state of this shard's devices (loaded from the store at start).
+    pub rules: ShardRules,
+    /// Wall-clock now, for silence deadlines.
+    pub clock: Clock,
+    /// Read-only connections, for rebuilding `delta`/`rate` history.
+    pub reads: Arc<ReadPool>,
+}
+
+/// The registry and the profiles, as the silence timers see them.
+struct RegistryLookup<'a>(&'a Registry);
+
+impl Lookup for RegistryLookup<'_> {
+    fn device(&self, id: &str) -> Option<Arc<Device>> {
+        self.0.lookup(id)
+    }
+
+    fn profiles(&self) -> Arc<ProfileSet> {
+        self.0.profiles().current()
+    }
 }
 
 impl Shard {
@@ -143,10 +184,26 @@ impl Shard {
         let mut worker = Worker {
             shard: self,
             metrics: Metrics::new(),
+            issues: Vec::new(),
         };
         let mut closing = false;
         let mut notes_open = true;
+        // The silence timer: one sleep, reset only when the earliest deadline changes.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<i64> = None;
+        // Uplinks still owed a turn before the next timer tick (fairness, see above).
+        let mut owed: u32 = 0;
         loop {
+            let next = worker.shard.rules.next_deadline_ms();
+            if next != armed {
+                if let Some(deadline) = next {
+                    let wait = deadline.saturating_sub((worker.shard.clock)()).max(0);
+                    let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+                armed = next;
+            }
             tokio::select! {
                 biased;
                 // Shutdown: refuse new uplinks (`submit` now answers Closed) but keep what
@@ -161,14 +218,26 @@ impl Shard {
                     Some(device) => worker.duplicate(device).await,
                     None => notes_open = false,
                 },
+                // Silence deadlines (not while draining: a stopping gateway raises no new
+                // alerts). Cancel-safe: a `Sleep` that is not polled to completion stays armed.
+                () = &mut timer, if armed.is_some() && owed == 0 && !closing => {
+                    // Forces a fresh reset: the deadline may have moved or stayed.
+                    armed = None;
+                    if worker.expire().await {
+                        owed = UPLINKS_PER_TICK;
+                    }
+                }
                 uplink = uplinks.recv() => match uplink {
                     Some(u) => {
+                        owed = owed.saturating_sub(1);
                         worker.shard.depth.set(worker.shard.index, uplinks.len());
                         worker.process(u).await;
                     }
                     // Closed and drained.
                     None => break,
                 },
+                // Nothing queued while uplinks were owed a turn: the timer may go again.
+                () = tokio::task::yield_now(), if owed > 0 => owed = 0,
             }
         }
         while let Ok(device) = notes.try_recv() {
@@ -182,6 +251,8 @@ impl Shard {
 struct Worker {
     shard: Shard,
     metrics: Metrics,
+    /// Scratch: rule evaluation problems of the uplink being processed.
+    issues: Vec<Issue>,
 }
 
 impl Worker {
@@ -204,9 +275,24 @@ impl Worker {
             .decode(&profile.codec)
             .record(started.elapsed().as_secs_f64());
 
+        let set = self.shard.rules.rule_set(&profile);
+        let mut alerts = Vec::new();
+        self.shard
+            .rules
+            .uplink(&device, set.as_ref(), u.received_at_ms, &mut alerts);
+
         let mut sequence = None;
         let decoded = match result {
             Ok(readings) => {
+                let set = set.as_ref().filter(|s| !s.rules.is_empty());
+                if let (Some(set), Some(first)) = (set, readings.first()) {
+                    if self.shard.rules.wants_history(device.id(), set) {
+                        let (time_s, _) =
+                            reading_time(first.time, profile.utc_offset_s, u.received_at_ms);
+                        let before_s = time_s.min(u.received_at_ms.div_euclid(1000));
+                        self.load_history(&device, set, before_s, &mut alerts).await;
+                    }
+                }
                 let mut rows = Vec::with_capacity(readings.len());
                 for r in readings {
                     if sequence.is_none() {
@@ -214,6 +300,17 @@ impl Worker {
                     }
                     let (time_s, device_time) =
                         reading_time(r.time, profile.utc_offset_s, u.received_at_ms);
+                    if let Some(set) = set {
+                        self.shard.rules.reading(
+                            &device,
+                            set,
+                            &r.fields,
+                            time_s.saturating_mul(1000),
+                            u.received_at_ms,
+                            &mut alerts,
+                            &mut self.issues,
+                        );
+                    }
                     let mut fields = String::with_capacity(24 * r.fields.len() + 2);
                     encode_fields(&r.fields, &mut fields);
                     rows.push(NewReading {
@@ -222,6 +319,9 @@ impl Worker {
                         device_time,
                         fields,
                     });
+                }
+                if !self.issues.is_empty() {
+                    self.report_issues(&device, &profile);
                 }
                 Decoded::Readings(rows)
             }
@@ -250,6 +350,7 @@ impl Worker {
             decoded,
             sequence,
             step,
+            alerts,
             reply: u.reply,
         };
         // Waits while the writer queue is full: this shard's own queue then fills and
@@ -262,6 +363,89 @@ impl Worker {
                 }));
             }
         }
+    }
+
+    /// Reads the device's recent values for `delta`/`rate` back from the store (once per
+    /// device after a start). A failed read is logged and the history starts empty.
+    async fn load_history(
+        &mut self,
+        device: &Arc<Device>,
+        set: &Arc<RuleSet>,
+        before_s: i64,
+        alerts: &mut Vec<Transition>,
+    ) {
+        let fields: Vec<(String, i64)> = set
+            .history_fields()
+            .map(|(f, w)| (f.to_owned(), w))
+            .collect();
+        let id = device.id().to_owned();
+        let result = self
+            .shard
+            .reads
+            .run(move |conn| {
+                alert_store::load_history(conn, &id, &fields, before_s).map_err(StoreError::from)
+            })
+            .await;
+        let data = result.unwrap_or_else(|e| {
+            debug!(device = %device.id(), error = %e, "Cannot read the device's history for delta/rate; starting it empty.");
+            Vec::new()
+        });
+        self.shard
+            .rules
+            .load_history(device, set, data, before_s.saturating_mul(1000), alerts);
+    }
+
+    /// Counts every rule that could not be evaluated, and logs the first per device and rule.
+    fn report_issues(&mut self, device: &Device, profile: &Profile) {
+        for issue in self.issues.drain(..) {
+            metrics::counter!(
+                m::ALERT_RULE_ERRORS,
+                "profile" => profile.name.clone(),
+                "rule" => issue.rule.to_string(),
+                "reason" => issue.error.reason()
+            )
+            .increment(1);
+            if issue.first {
+                match &issue.param {
+                    Some(param) => warn!(
+                        device = %device.id(),
+                        profile = %profile.name,
+                        rule = %issue.rule,
+                        param = %param,
+                        "Alert rule needs a device parameter the device does not have; the rule is not evaluated for it until the parameter is set."
+                    ),
+                    None => warn!(
+                        device = %device.id(),
+                        profile = %profile.name,
+                        rule = %issue.rule,
+                        error = %issue.error,
+                        "Alert rule cannot be evaluated on this device's readings (a field has an unexpected type)."
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Fires the inactive rules whose deadline passed; true when it handled any device.
+    async fn expire(&mut self) -> bool {
+        let now_ms = (self.shard.clock)();
+        let mut alerts = Vec::new();
+        let lookup = RegistryLookup(&self.shard.registry);
+        let handled = self
+            .shard
+            .rules
+            .expire(now_ms, EXPIRIES_PER_TICK, &lookup, &mut alerts);
+        if !alerts.is_empty() {
+            debug!(
+                shard = self.shard.index,
+                transitions = alerts.len(),
+                "Silence deadlines passed."
+            );
+            // If the writer has stopped, the transitions are lost with it; they are
+            // decided again after the next start (from the stored last uplink).
+            let _ = self.shard.writer.send(Job::Alerts(alerts)).await;
+        }
+        handled > 0
     }
 
     fn reject(&self, u: Uplink, why: Reject) {

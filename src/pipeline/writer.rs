@@ -31,6 +31,24 @@
 //! is logged when commits start failing (repeated at most once a minute while they keep
 //! failing, with the count), and one INFO when they succeed again — never one per uplink.
 //!
+//! # Alert transitions
+//!
+//! A job carries the alert transitions the shard decided on its readings
+//! ([`CommitJob::alerts`]); silence timers send theirs as a [`Job::Alerts`]. They are
+//! written in the same transaction as the uplink (`alert_transitions`, `alert_state`), and
+//! only after the COMMIT are they counted and sent to the notifier as [`AlertEvent`]s —
+//! with `try_send`, right after each commit (no batching beyond the group commit itself,
+//! so a critical alert leaves as soon as its uplink is durable); a full queue drops the
+//! event and counts it (`nbiot_alert_events_dropped_total`): the store is the record and
+//! the notifier reloads from it.
+//!
+//! The shards' rule state moves on when they decide a transition, before the commit. If
+//! the commit fails, the uplink is answered `unavailable` and the device retries, but the
+//! retried reading no longer makes a transition: so the writer keeps the transitions of a
+//! failed batch and writes them first in the next transaction (at most
+//! [`MAX_CARRIED_TRANSITIONS`]; beyond, the oldest are dropped with an ERROR, and memory
+//! and store agree again after the next restart).
+//!
 //! # Shutdown
 //!
 //! The writer stops when every sender is gone (the shards, the retention task and the
@@ -51,14 +69,20 @@ use tracing::{debug, error, info};
 
 use super::state::SeqStep;
 use super::{Outcome, Reject, Transport};
+use crate::alerts::{AlertEvent, AlertState};
 use crate::profiles::Profile;
 use crate::registry::Device;
+use crate::rules::Transition;
+use crate::store::alerts::{self as alert_store, NewTransition};
 use crate::store::ingest::{self, NewReading, NewUplink, Pruned};
 use crate::store::StoreError;
 use crate::telemetry::metrics as m;
 
 /// How long, while commits keep failing, between two ERROR lines about it.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Transitions of failed batches kept for the next transaction (see the module docs).
+pub(super) const MAX_CARRIED_TRANSITIONS: usize = 100_000;
 
 /// An uplink ready to commit: everything the shard decided.
 #[derive(Debug)]
@@ -73,6 +97,8 @@ pub(super) struct CommitJob {
     pub decoded: Decoded,
     pub sequence: Option<u32>,
     pub step: SeqStep,
+    /// Alert transitions its readings (or its mere arrival) caused.
+    pub alerts: Vec<Transition>,
     pub reply: Option<oneshot::Sender<Outcome>>,
 }
 
@@ -96,6 +122,8 @@ pub(super) enum Job {
     Commit(Box<CommitJob>),
     /// A retransmission a source recognised for this (registered) device.
     Duplicate(String),
+    /// Alert transitions no uplink carries: silence deadlines, rules resolved at start.
+    Alerts(Vec<Transition>),
     /// Runs in its own short transaction between two group commits, so retention never
     /// competes with the writer for SQLite's write lock (no busy waits on either side).
     Prune(PruneJob),
@@ -165,6 +193,8 @@ pub(super) struct WriterConfig {
     pub commit_interval: Duration,
     pub max_batch: usize,
     pub unavailable_retry_after: Duration,
+    /// Where committed transitions go (see the module docs).
+    pub alert_events: Option<tokio::sync::mpsc::Sender<AlertEvent>>,
 }
 
 /// What the writer did, logged when it stops.
@@ -212,10 +242,31 @@ struct Metrics {
     stored: [Counter; 2],
     ingest: [Histogram; 2],
     unavailable: [Counter; 2],
-    /// By profile name: (readings stored, sequence gaps).
-    per_profile: HashMap<String, (Counter, Counter)>,
+    /// By profile name: (readings stored, sequence gaps, uplinks decoded).
+    per_profile: HashMap<String, (Counter, Counter, Counter)>,
     pruned_uplinks: Counter,
     pruned_readings: Counter,
+    /// By (profile, rule).
+    alerts: HashMap<(Arc<str>, Arc<str>), AlertMetrics>,
+    /// `nbiot_devices_silent` by profile.
+    silent: HashMap<Arc<str>, Gauge>,
+    events_dropped: Counter,
+}
+
+/// The handles of one rule.
+#[derive(Clone)]
+struct AlertMetrics {
+    /// By [`AlertState`]: pending, firing, resolved.
+    transitions: [Counter; 3],
+    firing: Gauge,
+}
+
+fn state_index(s: AlertState) -> usize {
+    match s {
+        AlertState::Pending => 0,
+        AlertState::Firing => 1,
+        AlertState::Resolved => 2,
+    }
 }
 
 fn transport_index(t: Transport) -> usize {
@@ -245,17 +296,48 @@ impl Metrics {
             per_profile: HashMap::new(),
             pruned_uplinks: metrics::counter!(m::STORE_PRUNED, "table" => "uplinks"),
             pruned_readings: metrics::counter!(m::STORE_PRUNED, "table" => "readings"),
+            alerts: HashMap::new(),
+            silent: HashMap::new(),
+            events_dropped: metrics::counter!(m::ALERT_EVENTS_DROPPED),
         }
     }
 
-    /// (readings stored, sequence gaps) of a profile; handles are cheap clones.
-    fn profile(&mut self, name: &str) -> (Counter, Counter) {
+    fn alert(&mut self, t: &Transition) -> AlertMetrics {
+        let key = (Arc::clone(&t.profile), Arc::clone(&t.rule));
+        if let Some(h) = self.alerts.get(&key) {
+            return h.clone();
+        }
+        let (profile, rule) = (t.profile.to_string(), t.rule.to_string());
+        let counter = |state: AlertState| metrics::counter!(m::ALERT_TRANSITIONS, "profile" => profile.clone(), "rule" => rule.clone(), "state" => state.as_str());
+        let h = AlertMetrics {
+            transitions: [
+                counter(AlertState::Pending),
+                counter(AlertState::Firing),
+                counter(AlertState::Resolved),
+            ],
+            firing: metrics::gauge!(m::ALERTS_FIRING, "profile" => profile.clone(), "rule" => rule.clone(), "severity" => t.severity.as_str()),
+        };
+        self.alerts.insert(key, h.clone());
+        h
+    }
+
+    fn silent(&mut self, profile: &Arc<str>) -> Gauge {
+        self.silent
+            .entry(Arc::clone(profile))
+            .or_insert_with(|| metrics::gauge!(m::DEVICES_SILENT, "profile" => profile.to_string()))
+            .clone()
+    }
+
+    /// (readings stored, sequence gaps, uplinks decoded) of a profile; handles are cheap
+    /// clones.
+    fn profile(&mut self, name: &str) -> (Counter, Counter, Counter) {
         if let Some(c) = self.per_profile.get(name) {
             return c.clone();
         }
         let c = (
             metrics::counter!(m::READINGS_STORED, "profile" => name.to_owned()),
             metrics::counter!(m::SEQUENCE_GAPS, "profile" => name.to_owned()),
+            metrics::counter!(m::UPLINKS_DECODED, "profile" => name.to_owned()),
         );
         self.per_profile.insert(name.to_owned(), c.clone());
         c
@@ -272,6 +354,10 @@ struct Writer {
     stats: WriterStats,
     /// Since when commits fail, and when the last ERROR about it was logged.
     failing: Option<(Instant, Instant, u64)>,
+    /// Transitions of failed batches, written first by the next transaction.
+    carried: Vec<Transition>,
+    /// Scratch: the ids the last transaction gave its transitions, in write order.
+    ids: Vec<i64>,
 }
 
 impl Writer {
@@ -291,6 +377,8 @@ impl Writer {
             metrics: Metrics::new(),
             stats: WriterStats::default(),
             failing: None,
+            carried: Vec::new(),
+            ids: Vec::new(),
         }
     }
 
@@ -355,7 +443,8 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let result = write_batch(&mut self.conn, batch);
+        self.ids.clear();
+        let result = write_batch(&mut self.conn, &self.carried, batch, &mut self.ids);
         let elapsed = started.elapsed();
         let uplinks = batch.iter().filter(|j| matches!(j, Job::Commit(_))).count();
         self.metrics.commit_duration.record(elapsed.as_secs_f64());
@@ -371,6 +460,21 @@ impl Writer {
                         "Store commits succeed again."
                     );
                 }
+                // Alerts first: a critical one leaves the moment its uplink is durable.
+                let mut ids = std::mem::take(&mut self.ids).into_iter();
+                for t in std::mem::take(&mut self.carried) {
+                    self.alert_committed(&t, ids.next());
+                }
+                for job in batch.iter() {
+                    let alerts = match job {
+                        Job::Commit(c) => &c.alerts,
+                        Job::Alerts(a) => a,
+                        _ => continue,
+                    };
+                    for t in alerts {
+                        self.alert_committed(t, ids.next());
+                    }
+                }
                 let now_ms = now_ms();
                 for job in batch.drain(..) {
                     if let Job::Commit(job) = job {
@@ -385,12 +489,26 @@ impl Writer {
                     retry_after: self.config.unavailable_retry_after,
                 });
                 for job in batch.drain(..) {
-                    if let Job::Commit(job) = job {
-                        self.metrics.unavailable[transport_index(job.transport)].increment(1);
-                        if let Some(reply) = job.reply {
-                            let _ = reply.send(outcome.clone());
+                    match job {
+                        Job::Commit(mut job) => {
+                            self.carried.append(&mut job.alerts);
+                            self.metrics.unavailable[transport_index(job.transport)].increment(1);
+                            if let Some(reply) = job.reply {
+                                let _ = reply.send(outcome.clone());
+                            }
                         }
+                        Job::Alerts(mut a) => self.carried.append(&mut a),
+                        Job::Duplicate(_) | Job::Prune(_) => {}
                     }
+                }
+                if self.carried.len() > MAX_CARRIED_TRANSITIONS {
+                    let drop = self.carried.len() - MAX_CARRIED_TRANSITIONS;
+                    self.carried.drain(..drop);
+                    error!(
+                        dropped = drop,
+                        kept = MAX_CARRIED_TRANSITIONS,
+                        "Alert transitions waiting for the store were dropped; alert state is consistent again after a restart."
+                    );
                 }
             }
         }
@@ -402,6 +520,50 @@ impl Writer {
             .set((self.depth.total() + writer_queued) as f64);
     }
 
+    /// A transition is durable: count it, move the gauges, tell the notifier.
+    fn alert_committed(&mut self, t: &Transition, id: Option<i64>) {
+        let h = self.metrics.alert(t);
+        if let Some(c) = h.transitions.get(state_index(t.state)) {
+            c.increment(1);
+        }
+        match t.state {
+            AlertState::Firing => h.firing.increment(1.0),
+            AlertState::Resolved if t.starts_ms.is_some() => h.firing.decrement(1.0),
+            _ => {}
+        }
+        if t.silent != 0 {
+            self.metrics
+                .silent(&t.profile)
+                .increment(f64::from(t.silent));
+        }
+        let (Some(events), Some(id)) = (&self.config.alert_events, id) else {
+            return;
+        };
+        let event = AlertEvent {
+            id,
+            device: t.device.id().to_owned(),
+            profile: t.profile.to_string(),
+            rule: t.rule.to_string(),
+            severity: t.severity,
+            state: t.state,
+            at_ms: t.at_ms,
+            starts_ms: t.starts_ms,
+            received_at_ms: t.received_at_ms,
+            value: t.value,
+            summary: t.summary.clone(),
+            labels: t
+                .device
+                .labels()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        if events.try_send(event).is_err() {
+            // Full (or the notifier stopped): the store has it; the notifier reloads.
+            self.metrics.events_dropped.increment(1);
+            debug!(device = %t.device.id(), rule = %t.rule, "Alert event dropped: the notifier's queue is full.");
+        }
+    }
+
     fn answer_committed(&mut self, job: CommitJob, now_ms: i64) {
         let t = transport_index(job.transport);
         self.metrics.stored[t].increment(1);
@@ -409,8 +571,9 @@ impl Writer {
         self.metrics.ingest[t].record(waited_ms as f64 / 1000.0);
         let outcome = match job.decoded {
             Decoded::Readings(readings) => {
-                let (stored, gaps) = self.metrics.profile(&job.profile.name);
+                let (stored, gaps, decoded) = self.metrics.profile(&job.profile.name);
                 stored.increment(readings.len() as u64);
+                decoded.increment(1);
                 if job.step.gaps > 0 {
                     gaps.increment(u64::from(job.step.gaps));
                 }
@@ -483,10 +646,20 @@ impl Writer {
     }
 }
 
-/// One transaction holding every job of the batch. On error the transaction rolls back
-/// when dropped (rusqlite's `Transaction`, also when COMMIT itself failed).
-fn write_batch(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
+/// One transaction holding every job of the batch (after the transitions carried over from
+/// failed batches); the ids of the transitions written are appended to `ids` in order. On
+/// error the transaction rolls back when dropped (rusqlite's `Transaction`, also when
+/// COMMIT itself failed).
+fn write_batch(
+    conn: &mut Connection,
+    carried: &[Transition],
+    batch: &[Job],
+    ids: &mut Vec<i64>,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for t in carried {
+        ids.push(write_transition(&tx, t)?);
+    }
     for job in batch {
         match job {
             Job::Commit(c) => {
@@ -512,12 +685,38 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
                         readings,
                     },
                 )?;
+                for t in &c.alerts {
+                    ids.push(write_transition(&tx, t)?);
+                }
             }
             Job::Duplicate(device) => ingest::add_duplicate(&tx, device)?,
+            Job::Alerts(alerts) => {
+                for t in alerts {
+                    ids.push(write_transition(&tx, t)?);
+                }
+            }
             Job::Prune(_) => {}
         }
     }
     tx.commit()
+}
+
+fn write_transition(conn: &Connection, t: &Transition) -> rusqlite::Result<i64> {
+    alert_store::insert_transition(
+        conn,
+        &NewTransition {
+            device: t.device.id(),
+            profile: &t.profile,
+            rule: &t.rule,
+            severity: t.severity.as_str(),
+            state: t.state.as_str(),
+            at_ms: t.at_ms,
+            since_ms: t.since_ms,
+            starts_ms: t.starts_ms,
+            value: t.value,
+            summary: &t.summary,
+        },
+    )
 }
 
 /// Wall-clock milliseconds since the Unix epoch (for the receipt-to-commit histogram).

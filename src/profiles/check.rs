@@ -1,6 +1,11 @@
-//! Validation of one profile file: schema, codec, layout, durations, alert references and
+//! Validation of one profile file: schema, codec, layout, durations, alert rules and
 //! examples. Pure apart from the error messages' file name; collects every problem it can
 //! find instead of stopping at the first, so one `profiles check` run lists them all.
+//!
+//! Alert rules are compiled here with the rules engine's own compiler
+//! ([`crate::rules::engine::Builder`]), against the fields the codec produces, so a rule
+//! that loads is a rule the pipeline can run; an error in an expression or a summary
+//! points at its line and column inside the profile file.
 
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -14,6 +19,8 @@ use toml::Spanned;
 
 use super::schema::{AlertKind, AlertSpec, ExampleSpec, ExpectedReading, ProfileFile};
 use super::{After, Alert, Profile, ProfileError};
+use crate::rules::engine::{Builder, CompileError, RulePart, RuleSource};
+use crate::rules::expr::ExprErrorKind;
 
 /// Collects errors for one file, turning byte spans into line:column.
 struct Diag<'a> {
@@ -211,8 +218,9 @@ pub(crate) fn parse_and_validate(path: &Path, text: String) -> Result<Profile, V
     let mut known = profile.known_fields();
     known.extend(produced);
     let mut names = BTreeSet::new();
+    let mut rules = Builder::new(&profile.name, profile.utc_offset_s, Some(&known));
     for spec in &file.alerts {
-        if let Some(alert) = check_alert(&mut d, &profile, spec, &known) {
+        if let Some(alert) = check_alert(&mut d, &profile, spec, &mut rules) {
             if !names.insert(alert.name.clone()) {
                 d.at(
                     Some(spec.get_ref().name.span()),
@@ -292,7 +300,7 @@ fn check_alert(
     d: &mut Diag<'_>,
     profile: &Profile,
     spec: &Spanned<AlertSpec>,
-    known: &BTreeSet<String>,
+    rules: &mut Builder<'_>,
 ) -> Option<Alert> {
     let line = line_col(d.text, spec.span().start).0;
     let a = spec.get_ref();
@@ -346,24 +354,26 @@ fn check_alert(
             }
         }
     }
-    for expr in [&a.expr, &a.clear].into_iter().flatten() {
-        for ident in referenced_fields(expr.get_ref()) {
-            if !known.contains(&ident) {
-                let mut candidates: Vec<&str> = known.iter().map(String::as_str).collect();
-                candidates.sort_by_key(|c| edit_distance(c, &ident));
-                d.at(
-                    Some(expr.span()),
-                    format!(
-                        "alert `{name}` references field `{ident}`, which codec `{}` never produces{}",
-                        profile.codec,
-                        candidates
-                            .first()
-                            .filter(|c| edit_distance(c, &ident) <= 3)
-                            .map(|c| format!(" (did you mean `{c}`?)"))
-                            .unwrap_or_default()
-                    ),
-                );
-            }
+    if d.errors.len() == before {
+        let after_duration = match after {
+            Some(After::Duration(dur)) => Some(dur),
+            Some(After::Intervals(n)) => profile
+                .report_interval
+                .and_then(|r| Duration::try_from_secs_f64(r.as_secs_f64() * n).ok()),
+            None => None,
+        };
+        let source = RuleSource {
+            name: &name,
+            kind: a.kind,
+            expr: a.expr.as_ref().map(|e| e.get_ref().as_str()),
+            clear: a.clear.as_ref().map(|e| e.get_ref().as_str()),
+            for_,
+            after: after_duration,
+            severity: a.severity,
+            summary: &a.summary,
+        };
+        if let Err(e) = rules.add(&source) {
+            rule_error(d, profile, spec, &e);
         }
     }
     (d.errors.len() == before).then(|| Alert {
@@ -379,61 +389,109 @@ fn check_alert(
     })
 }
 
-/// Field names an alert expression reads: identifiers that are not `$params`, function
-/// names, keywords, string contents or duration literals (`1h`).
-pub(crate) fn referenced_fields(expr: &str) -> Vec<String> {
-    const KEYWORDS: &[&str] = &["and", "or", "not", "true", "false"];
-    let b = expr.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        if c == b'"' || c == b'\'' {
-            i += 1;
-            while i < b.len() && b[i] != c {
-                i += 1;
-            }
-            i += 1;
-        } else if c.is_ascii_digit() || c == b'.' {
-            // A number, with any unit suffix (`1h`, `0.5`, `1e3`).
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
-                i += 1;
-            }
-        } else if c == b'$' {
-            i += 1;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-                i += 1;
-            }
-        } else if c.is_ascii_alphabetic() || c == b'_' {
-            let start = i;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-                i += 1;
-            }
-            let word = &expr[start..i];
-            let next = expr[i..].trim_start().as_bytes().first().copied();
-            if next != Some(b'(') && !KEYWORDS.contains(&word) && !out.iter().any(|w| w == word) {
-                out.push(word.to_owned());
-            }
-        } else {
-            i += 1;
-        }
-    }
-    out
+/// Reports a rule that does not compile at the file position of the problem: inside the
+/// `expr`/`clear` string, or inside the `summary` string (found in the rule's table).
+fn rule_error(d: &mut Diag<'_>, profile: &Profile, spec: &Spanned<AlertSpec>, e: &CompileError) {
+    let a = spec.get_ref();
+    let value_span = match e.part {
+        RulePart::Expr => a.expr.as_ref().map(Spanned::span),
+        RulePart::Clear => a.clear.as_ref().map(Spanned::span),
+        RulePart::Summary => key_value_span(d.text, spec.span(), "summary"),
+    };
+    let at = value_span
+        .map(|span| value_position(d.text, span, e.error.offset))
+        .unwrap_or(spec.span().start);
+    let message = match &e.error.kind {
+        ExprErrorKind::UnknownField { name, suggestion } => format!(
+            "alert `{}` references field `{name}`, which codec `{}` never produces{}",
+            e.rule,
+            profile.codec,
+            suggestion
+                .as_ref()
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default()
+        ),
+        kind => format!("alert `{}`, {}: {kind}", e.rule, e.part),
+    };
+    d.at(Some(at..at), message);
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+/// The span of the string value of `key = "…"` in the table whose header starts `table`
+/// (serde gives no span for plain `String` values, and an array-of-tables element's span
+/// is its header): the table runs to the next header line.
+fn key_value_span(text: &str, table: Range<usize>, key: &str) -> Option<Range<usize>> {
+    let body = text.get(table.start..)?;
+    let mut offset = table.start;
+    for (i, line) in body.split_inclusive('\n').enumerate() {
+        if i > 0 && line.trim_start().starts_with('[') {
+            return None;
         }
-        prev = cur;
+        let value = line
+            .trim_start()
+            .strip_prefix(key)
+            .map(str::trim_start)
+            .and_then(|rest| rest.strip_prefix('='))
+            .map(str::trim_start);
+        if let Some(value) = value {
+            let start = offset + (line.len() - value.len());
+            return Some(start..offset + line.trim_end().len());
+        }
+        offset += line.len();
     }
-    prev[b.len()]
+    None
+}
+
+/// Where byte `value_offset` of a TOML string's decoded value is in the file: after the
+/// opening quote(s), counting each escape sequence as the character it stands for.
+fn value_position(text: &str, span: Range<usize>, value_offset: usize) -> usize {
+    let Some(raw) = text.get(span.clone()) else {
+        return span.start;
+    };
+    let (open, basic) = if raw.starts_with("\"\"\"") {
+        (3, true)
+    } else if raw.starts_with("'''") {
+        (3, false)
+    } else if raw.starts_with('"') {
+        (1, true)
+    } else if raw.starts_with('\'') {
+        (1, false)
+    } else {
+        return span.start;
+    };
+    let mut i = open;
+    if open == 3 {
+        // A newline right after the opening delimiter is not part of the value.
+        if raw.get(i..).is_some_and(|r| r.starts_with("\r\n")) {
+            i += 2;
+        } else if raw.get(i..).is_some_and(|r| r.starts_with('\n')) {
+            i += 1;
+        }
+    }
+    let mut decoded = 0;
+    while decoded < value_offset {
+        let Some(rest) = raw.get(i..) else { break };
+        let Some(c) = rest.chars().next() else { break };
+        if basic && c == '\\' {
+            let (raw_len, value_len) = match rest.as_bytes().get(1) {
+                Some(b'u') => (6, escaped_len(rest.get(2..6))),
+                Some(b'U') => (10, escaped_len(rest.get(2..10))),
+                _ => (2, 1),
+            };
+            i += raw_len;
+            decoded += value_len;
+        } else {
+            i += c.len_utf8();
+            decoded += c.len_utf8();
+        }
+    }
+    span.start + i.min(raw.len())
+}
+
+/// UTF-8 length of the character a `\uXXXX` / `\UXXXXXXXX` escape stands for.
+fn escaped_len(hex: Option<&str>) -> usize {
+    hex.and_then(|h| u32::from_str_radix(h, 16).ok())
+        .and_then(char::from_u32)
+        .map_or(1, char::len_utf8)
 }
 
 fn check_example(
@@ -661,21 +719,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_field_references() {
-        assert_eq!(
-            referenced_fields(r#"water_level_m > $depth_m * 0.8 and not leak"#),
-            vec!["water_level_m", "leak"]
-        );
-        assert_eq!(
-            referenced_fields("delta(volume_m3, 1h) > 0.5 or button_event == \"sos x\""),
-            vec!["volume_m3", "button_event"]
-        );
-        assert_eq!(
-            referenced_fields(
-                "distance_m(latitude_deg, longitude_deg, $home_lat, $home_lon) > $radius_m"
-            ),
-            vec!["latitude_deg", "longitude_deg"]
-        );
+    fn positions_inside_toml_strings() {
+        // The expr value is `a "é" > b`, written with escapes.
+        let text = "expr = \"a \\\"\\u00e9\\\" > b\"\nsummary   = 'x {y}'\n";
+        let span = 7..text.find('\n').unwrap();
+        let value = "a \"\u{e9}\" > b";
+        let pos = value_position(text, span.clone(), value.find('b').unwrap());
+        assert_eq!(&text[pos..pos + 1], "b");
+        assert_eq!(value_position(text, span, 0), 8);
+        let summary = key_value_span(text, 0..1, "summary").unwrap();
+        assert_eq!(&text[summary.clone()], "'x {y}'");
+        let y = value_position(text, summary, 3);
+        assert_eq!(&text[y..y + 1], "y");
+        assert_eq!(line_col(text, y), (2, 17));
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! connection lock, so concurrent writers cannot leave the index disagreeing with the
 //! database.
 //!
+//! The index also counts devices per profile, under the same lock, and mirrors the counts
+//! into the `nbiot_devices_registered{profile}` gauge on every change (add, replace, remove,
+//! import) and on [`Registry::publish_metrics`] (start, profile reload): a scrape never walks
+//! the devices, and a profile whose last device went away reads 0 rather than a stale count.
+//!
 //! This module owns validation ([`validate`]), CSV import ([`csv`]) and the registry SQL
 //! ([`db`]). It does not own HTTP (see `api`) or what a profile is (see `profiles`): a
 //! device's profile must exist when it is registered, but a device whose profile later
@@ -27,6 +32,7 @@ use thiserror::Error;
 
 use crate::profiles::{ProfileSet, SharedProfiles};
 use crate::store::{Store, StoreError};
+use crate::telemetry::metrics::DEVICES_REGISTERED;
 pub use csv::{ImportMode, ImportReport, RowError};
 pub use token::TokenHash;
 pub use validate::{Field, FieldError, Problem};
@@ -396,7 +402,70 @@ impl Interner {
     }
 }
 
-type Index = HashMap<Arc<str>, Arc<Device>>;
+/// Every registered device, and how many there are per profile (kept together, under one
+/// lock, so the counts cannot drift from the map).
+#[derive(Debug, Default)]
+struct Index {
+    devices: HashMap<Arc<str>, Arc<Device>>,
+    /// Devices per (interned) profile name; profiles with none are absent.
+    per_profile: HashMap<Arc<str>, usize>,
+}
+
+impl Index {
+    fn get(&self, id: &str) -> Option<&Arc<Device>> {
+        self.devices.get(id)
+    }
+
+    fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.devices.reserve(additional);
+    }
+
+    /// Adds or replaces a device; returns the one it replaced.
+    fn insert(&mut self, device: Arc<Device>) -> Option<Arc<Device>> {
+        *self
+            .per_profile
+            .entry(Arc::clone(&device.profile))
+            .or_default() += 1;
+        let old = self.devices.insert(Arc::clone(&device.id), device);
+        if let Some(old) = &old {
+            self.uncount(&old.profile);
+        }
+        old
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Device>> {
+        let old = self.devices.remove(id);
+        if let Some(old) = &old {
+            self.uncount(&old.profile);
+        }
+        old
+    }
+
+    fn uncount(&mut self, profile: &str) {
+        if let Some(n) = self.per_profile.get_mut(profile) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_profile.remove(profile);
+            }
+        }
+    }
+
+    fn count(&self, profile: &str) -> usize {
+        self.per_profile.get(profile).copied().unwrap_or(0)
+    }
+
+    /// Sets `nbiot_devices_registered{profile}` for each of `profiles` (0 when it has none).
+    fn publish<'a>(&self, profiles: impl IntoIterator<Item = &'a str>) {
+        for profile in profiles {
+            metrics::gauge!(DEVICES_REGISTERED, "profile" => profile.to_owned())
+                .set(self.count(profile) as f64);
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -431,19 +500,22 @@ impl Registry {
     ) -> Result<Registry, RegistryError> {
         let mut interner = Interner::default();
         let devices = db::load_all(&store.lock(), &mut interner)?;
-        let index: Index = devices
-            .into_iter()
-            .map(|d| (Arc::clone(&d.id), Arc::new(d)))
-            .collect();
+        let mut index = Index::default();
+        index.reserve(devices.len());
+        for d in devices {
+            index.insert(Arc::new(d));
+        }
         tracing::info!(devices = index.len(), "Loaded the device registry.");
-        Ok(Registry {
+        let registry = Registry {
             inner: Arc::new(Inner {
                 store,
                 profiles,
                 index: RwLock::new(index),
                 interner: Mutex::new(interner),
             }),
-        })
+        };
+        registry.publish_metrics();
+        Ok(registry)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -474,14 +546,28 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Registered devices per profile name (for `nbiot_devices_registered{profile}`).
+    /// Registered devices per profile name (profiles with at least one device).
     pub fn count_by_profile(&self) -> BTreeMap<String, usize> {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
+        self.read_index()
+            .per_profile
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
+
+    /// Sets `nbiot_devices_registered{profile}` for every profile that has devices or is
+    /// loaded (0 for a loaded profile without devices, so the series exists from the start).
+    /// Writes keep the gauge current themselves; call this after the profile set changed.
+    pub fn publish_metrics(&self) {
+        let loaded = self.inner.profiles.current();
         let index = self.read_index();
-        for d in index.values() {
-            *counts.entry(&d.profile).or_default() += 1;
-        }
-        counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        index.publish(
+            index
+                .per_profile
+                .keys()
+                .map(|p| &**p)
+                .chain(loaded.iter().map(|p| p.name.as_str())),
+        );
     }
 
     /// Creates or replaces device `id`.
@@ -506,7 +592,14 @@ impl Registry {
                     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 db::write(&tx, &device, existing.is_some())?;
                 tx.commit()?;
-                write(&inner.index).insert(Arc::clone(&device.id), Arc::clone(&device));
+                let mut index = write(&inner.index);
+                let replaced = index.insert(Arc::clone(&device));
+                // Under the connection lock: gauge updates land in commit order.
+                index.publish(
+                    std::iter::once(device.profile())
+                        .chain(replaced.as_deref().map(Device::profile)),
+                );
+                drop(index);
                 Ok(PutOutcome {
                     created: existing.is_none(),
                     device,
@@ -528,7 +621,11 @@ impl Registry {
             .store
             .call(move |conn| {
                 let removed = db::delete(conn, &id)?;
-                write(&inner.index).remove(id.as_str());
+                let mut index = write(&inner.index);
+                if let Some(old) = index.remove(id.as_str()) {
+                    index.publish([old.profile()]);
+                }
+                drop(index);
                 if removed {
                     Ok(())
                 } else {
@@ -607,9 +704,15 @@ impl Registry {
                 let created = devices.len() - updated;
                 let mut index = write(&inner.index);
                 index.reserve(created);
+                let mut touched: HashSet<Arc<str>> = HashSet::new();
                 for (d, _) in devices {
-                    index.insert(Arc::clone(&d.id), d);
+                    touched.insert(Arc::clone(&d.profile));
+                    if let Some(old) = index.insert(d) {
+                        touched.insert(Arc::clone(&old.profile));
+                    }
                 }
+                index.publish(touched.iter().map(|p| &**p));
+                drop(index);
                 Ok((created, updated))
             })
             .await??;
@@ -667,4 +770,130 @@ fn read(index: &RwLock<Index>) -> std::sync::RwLockReadGuard<'_, Index> {
 
 fn write(index: &RwLock<Index>) -> std::sync::RwLockWriteGuard<'_, Index> {
     index.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn device(id: &str, profile: &str) -> Arc<Device> {
+        Arc::new(Device {
+            id: Arc::from(id),
+            profile: Arc::from(profile),
+            labels: Box::new([]),
+            params: Box::new([]),
+            token: None,
+            created_at: 0,
+            updated_at: 0,
+        })
+    }
+
+    /// Gauge values by their `profile` label, as a recorder sees them.
+    #[derive(Default)]
+    struct Gauges(Mutex<BTreeMap<String, Arc<AtomicU64>>>);
+
+    struct GaugeCell(Arc<AtomicU64>);
+
+    impl metrics::GaugeFn for GaugeCell {
+        fn increment(&self, _: f64) {}
+        fn decrement(&self, _: f64) {}
+        fn set(&self, value: f64) {
+            self.0.store(value.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    impl metrics::Recorder for Gauges {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            assert_eq!(key.name(), DEVICES_REGISTERED);
+            let labels: Vec<_> = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            assert_eq!(labels.len(), 1, "{labels:?}");
+            let (k, v) = labels.into_iter().next().unwrap();
+            assert_eq!(k, "profile");
+            let cell = Arc::clone(self.0.lock().unwrap().entry(v).or_default());
+            metrics::Gauge::from_arc(Arc::new(GaugeCell(cell)))
+        }
+    }
+
+    impl Gauges {
+        fn values(&self) -> BTreeMap<String, f64> {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), f64::from_bits(v.load(Ordering::Relaxed))))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn counts_per_profile_follow_adds_replacements_and_removals() {
+        let gauges = Gauges::default();
+        metrics::with_local_recorder(&gauges, || {
+            let mut index = Index::default();
+            assert!(index.insert(device("1", "meter")).is_none());
+            assert!(index.insert(device("2", "meter")).is_none());
+            assert!(index.insert(device("3", "watch")).is_none());
+            index.publish(["meter", "watch", "cover"]);
+            assert_eq!(
+                gauges.values(),
+                BTreeMap::from([
+                    ("cover".to_owned(), 0.0),
+                    ("meter".to_owned(), 2.0),
+                    ("watch".to_owned(), 1.0),
+                ])
+            );
+            // Moving a device to another profile counts it once, under the new one.
+            let old = index.insert(device("3", "meter")).expect("replaced");
+            index.publish(["meter", old.profile()]);
+            assert_eq!(gauges.values()["meter"], 3.0);
+            assert_eq!(gauges.values()["watch"], 0.0, "no stale count");
+            assert_eq!(index.per_profile.get("watch"), None);
+            // Removing; removing what is not there changes nothing.
+            assert!(index.remove("1").is_some());
+            assert!(index.remove("1").is_none());
+            index.publish(["meter"]);
+            assert_eq!(gauges.values()["meter"], 2.0);
+            assert_eq!(index.len(), 2);
+            assert_eq!(index.count("meter"), 2);
+        });
+    }
 }

@@ -21,6 +21,8 @@
 //! statement here is short; blocking work runs on tokio's blocking pool via [`Store::call`],
 //! never on an async worker thread.
 
+pub mod alerts;
+pub mod alerts_query;
 pub mod ingest;
 pub mod query;
 

@@ -39,6 +39,7 @@ use super::dedup::{ContentKey, ContentState, Exchanges, MidEntry, MidState, Repe
 use super::events::{CoapMetrics, Dropped, Refused};
 use super::request::{classify, truncated_head, Inbound, Refusal, Request, Target, UplinkRequest};
 use super::response::{self, Decided, Reply, ReplyTo};
+use super::socket;
 use super::CoapSettings;
 use crate::pipeline::{Outcome, PipelineHandle, SubmitError, Transport, Uplink};
 
@@ -63,7 +64,10 @@ pub async fn serve_with_metrics(
     metrics: CoapMetrics,
 ) -> io::Result<()> {
     let local = socket.local_addr()?;
+    let buffers = socket::set_buffers(&socket, settings.socket_buffer);
+    socket::spawn_drop_counter(&socket, shutdown.child_token());
     info!(
+        receive_buffer = buffers.receive,
         listen = %local,
         max_payload = settings.max_payload,
         path = %settings.path,
