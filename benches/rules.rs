@@ -38,7 +38,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -64,7 +67,9 @@ impl Drop for TempDir {
 }
 
 fn setup(tag: &str) -> Setup {
-    let dir = TempDir(std::env::temp_dir().join(format!("nbiot-bench-rules-{tag}-{}", std::process::id())));
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("nbiot-bench-rules-{tag}-{}", std::process::id())),
+    );
     let _ = std::fs::remove_dir_all(&dir.0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -72,7 +77,11 @@ fn setup(tag: &str) -> Setup {
         .expect("runtime");
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
     let mut set = profiles::ProfileSet::default();
-    for name in ["milesight-em400", "cjt188-water-meter", "elderly-care-watch"] {
+    for name in [
+        "milesight-em400",
+        "cjt188-water-meter",
+        "elderly-care-watch",
+    ] {
         set.insert(profiles::load_file(&shipped.join(format!("{name}.toml"))).expect("profile"));
     }
     let store = Arc::new(Store::open(&dir.0.join("gateway.db")).expect("store"));
@@ -117,7 +126,9 @@ fn evaluate(c: &mut Criterion) {
     // A manhole level sensor: 6 condition rules ($depth_m arithmetic, booleans, thresholds).
     let device = register(&s, "em400-1", "milesight-em400", &[("depth_m", 3.0)]);
     let mut rules = ShardRules::new(T0_MS);
-    let set = rules.rule_set(&profile(&s, "milesight-em400")).expect("rules");
+    let set = rules
+        .rule_set(&profile(&s, "milesight-em400"))
+        .expect("rules");
     let reading = vec![
         f("battery_pct", Value::Int(92)),
         f("temperature_c", Value::Float(25.7)),
@@ -163,7 +174,11 @@ fn evaluate(c: &mut Criterion) {
         &s,
         "watch-1",
         "elderly-care-watch",
-        &[("home_lat", 31.23), ("home_lon", 121.47), ("radius_m", 500.0)],
+        &[
+            ("home_lat", 31.23),
+            ("home_lon", 121.47),
+            ("radius_m", 500.0),
+        ],
     );
     let set = rules
         .rule_set(&profile(&s, "elderly-care-watch"))
@@ -220,7 +235,11 @@ fn import(s: &Setup, n: usize, profile: &str) -> Vec<Arc<Device>> {
     s.rt.block_on(s.registry.import_csv(csv, ImportMode::AllOrNothing))
         .expect("import");
     (0..n)
-        .map(|i| s.registry.lookup(&format!("bench-{i:07}")).expect("imported"))
+        .map(|i| {
+            s.registry
+                .lookup(&format!("bench-{i:07}"))
+                .expect("imported")
+        })
         .collect()
 }
 

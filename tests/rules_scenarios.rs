@@ -1257,8 +1257,19 @@ severity = "critical"
     let mut rules = ShardRules::new(T0_MS);
     let old = rules.rule_set(&env.profile()).unwrap();
     let (mut out, mut issues) = (Vec::new(), Vec::new());
-    rules.reading(&device, &old, &fields("temp_c=31.0 open=true"), T0_MS, T0_MS, &mut out, &mut issues);
-    assert_eq!(out.iter().map(describe).collect::<Vec<_>>(), ["hot:pending", "open:firing"]);
+    rules.reading(
+        &device,
+        &old,
+        &fields("temp_c=31.0 open=true"),
+        T0_MS,
+        T0_MS,
+        &mut out,
+        &mut issues,
+    );
+    assert_eq!(
+        out.iter().map(describe).collect::<Vec<_>>(),
+        ["hot:pending", "open:firing"]
+    );
 
     // The profile is edited: `open` is gone, `hot` stays (with another threshold).
     let file = env._dir.0.join("profiles/scenario.toml");
@@ -1272,9 +1283,20 @@ severity = "critical"
     assert!(!Arc::ptr_eq(&old, &set));
     out.clear();
     let at = T0_MS + 10 * 60_000;
-    rules.reading(&device, &set, &fields("temp_c=26.0 open=true"), at, at, &mut out, &mut issues);
+    rules.reading(
+        &device,
+        &set,
+        &fields("temp_c=26.0 open=true"),
+        at,
+        at,
+        &mut out,
+        &mut issues,
+    );
     // `open` ended with the old rules; `hot` kept its start and fires under the new threshold.
-    assert_eq!(out.iter().map(describe).collect::<Vec<_>>(), ["open:resolved", "hot:firing"]);
+    assert_eq!(
+        out.iter().map(describe).collect::<Vec<_>>(),
+        ["open:resolved", "hot:firing"]
+    );
     assert_eq!(out[0].starts_ms, Some(T0_MS));
     assert_eq!(out[1].since_ms, T0_MS);
     assert!(issues.is_empty());

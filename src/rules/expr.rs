@@ -1708,10 +1708,54 @@ mod tests {
     #[test]
     fn never_panics_on_any_input() {
         const PIECES: &[&str] = &[
-            "a", "b", "on", "t", "$p", "$name", "$", "1", "0", "1.5", "1e3", "1h", "0s", "'x'",
-            "\"", "(", ")", ",", "+", "-", "*", "/", "==", "!=", "<", "<=", ">", ">=", "=",
-            "and", "or", "not", "true", "false", "delta(", "rate(", "distance_m(", "abs(",
-            "min(", "max(", "local_hour(", "present(", "é", " ", "{", "\\", ".", "_",
+            "a",
+            "b",
+            "on",
+            "t",
+            "$p",
+            "$name",
+            "$",
+            "1",
+            "0",
+            "1.5",
+            "1e3",
+            "1h",
+            "0s",
+            "'x'",
+            "\"",
+            "(",
+            ")",
+            ",",
+            "+",
+            "-",
+            "*",
+            "/",
+            "==",
+            "!=",
+            "<",
+            "<=",
+            ">",
+            ">=",
+            "=",
+            "and",
+            "or",
+            "not",
+            "true",
+            "false",
+            "delta(",
+            "rate(",
+            "distance_m(",
+            "abs(",
+            "min(",
+            "max(",
+            "local_hour(",
+            "present(",
+            "é",
+            " ",
+            "{",
+            "\\",
+            ".",
+            "_",
         ];
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = || {
@@ -1748,6 +1792,50 @@ mod tests {
                 let _ = eval(&text, &fields);
             }
         }
+    }
+
+    #[test]
+    fn history_keeps_the_window_and_one_baseline_within_its_cap() {
+        let mut h = FieldHistory::default();
+        // Hourly samples, 1 h window: the newest, and the one an hour before (the baseline).
+        for i in 0..10 {
+            h.push(i * 3600, i as f64, 3600);
+        }
+        assert_eq!(
+            h.samples().collect::<Vec<_>>(),
+            [(8 * 3600, 8.0), (9 * 3600, 9.0)]
+        );
+        assert_eq!(h.at_or_before(9 * 3600 - 3600), Some((8 * 3600, 8.0)));
+        assert_eq!(h.at_or_before(8 * 3600 - 1), None);
+        // A sample every second over a day's window: thinned to at most the cap, the span
+        // still reaching back a window.
+        let mut h = FieldHistory::default();
+        for t in 0..200_000 {
+            h.push(t, t as f64, 86_400);
+        }
+        assert!(h.len() <= HISTORY_CAP, "{}", h.len());
+        let first = h.samples().next().unwrap().0;
+        assert!(
+            first <= 199_999 - 86_400 && first > 199_999 - 86_400 - 86_400 / 62 - 1,
+            "{first}"
+        );
+        // An older sample goes in its place, and what the window no longer needs goes.
+        let mut h = FieldHistory::default();
+        h.push(100, 1.0, 60);
+        h.push(200, 3.0, 60);
+        h.push(150, 2.0, 60);
+        // 100 stays: it is the baseline of 200 (the newest at or before 200 - 60).
+        assert_eq!(
+            h.samples().collect::<Vec<_>>(),
+            [(100, 1.0), (150, 2.0), (200, 3.0)]
+        );
+        h.push(10, 0.0, 60);
+        assert_eq!(
+            h.samples().collect::<Vec<_>>(),
+            [(100, 1.0), (150, 2.0), (200, 3.0)]
+        );
+        h.push(260, 4.0, 60);
+        assert_eq!(h.samples().collect::<Vec<_>>(), [(200, 3.0), (260, 4.0)]);
     }
 
     #[test]
