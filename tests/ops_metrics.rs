@@ -235,14 +235,12 @@ fn metrics_under_load_pass_promtool_and_carry_closed_label_sets() {
         v("nbiot_uplinks_received_total", &[("protocol", "mqtt")]),
         1.0
     );
-    // One request. KNOWN GAP (see the ops report): a CoAP refusal the pipeline decides is
-    // counted twice today, by the shard and again by the CoAP source; tighten to == 1.0
-    // once one of them stops.
+    // One request, counted once (by the pipeline's shard, not again by the CoAP source).
     let unknown = v(
         "nbiot_uplinks_rejected_total",
         &[("protocol", "coap"), ("reason", "unknown_device")],
     );
-    assert!((1.0..=2.0).contains(&unknown), "{unknown}");
+    assert_eq!(unknown, 1.0);
     assert_eq!(
         v(
             "nbiot_decode_errors_total",

@@ -100,12 +100,20 @@ pub fn reading_time(
 /// Metric handles, created once per shard.
 struct Metrics {
     /// `[transport][reason]` for the reasons a shard decides.
-    rejected: [[Counter; 3]; 2],
+    rejected: [[Counter; 4]; 2],
     /// By codec id (a closed set: built-in ids and "layout").
     decode: HashMap<String, Histogram>,
 }
 
-const SHARD_REASONS: [Reject; 3] = [Reject::UnknownDevice, Reject::BadToken, Reject::NoProfile];
+/// The refusals a shard decides (`Unavailable`: the writer has stopped, at shutdown).
+const SHARD_REASONS: [Reject; 4] = [
+    Reject::UnknownDevice,
+    Reject::BadToken,
+    Reject::NoProfile,
+    Reject::Unavailable {
+        retry_after: Duration::ZERO,
+    },
+];
 
 impl Metrics {
     fn new() -> Metrics {
@@ -127,7 +135,7 @@ impl Metrics {
         };
         if let Some(c) = SHARD_REASONS
             .iter()
-            .position(|r| *r == why)
+            .position(|r| r.reason() == why.reason())
             .and_then(|ri| self.rejected.get(ti).and_then(|row| row.get(ri)))
         {
             c.increment(1);
@@ -357,10 +365,12 @@ impl Worker {
         // `submit` answers Overloaded — the backpressure path.
         if let Err(Job::Commit(job)) = self.shard.writer.send(Job::Commit(Box::new(job))).await {
             debug!(device = %job.device.id(), "The store writer has stopped; answering unavailable.");
+            let why = Reject::Unavailable {
+                retry_after: self.shard.unavailable_retry_after,
+            };
+            self.metrics.rejected(job.transport, why);
             if let Some(reply) = job.reply {
-                let _ = reply.send(Outcome::Rejected(Reject::Unavailable {
-                    retry_after: self.shard.unavailable_retry_after,
-                }));
+                let _ = reply.send(Outcome::Rejected(why));
             }
         }
     }

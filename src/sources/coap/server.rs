@@ -290,8 +290,16 @@ impl Server {
     ) {
         self.metrics.rejected(why);
         debug!(peer = %peer, reason = why.label(), "Refused a CoAP uplink: busy.");
-        self.reply(peer, to, confirmable, &Reply::unavailable(retry_after), now)
-            .await;
+        // Not remembered under (peer, MID): nothing was processed, so a retransmission may
+        // be processed (RFC 7252 §4.5 asks only that a request be processed once). Under a
+        // surge this keeps shedding cheap — no cache insert and eviction per refused
+        // datagram, no cache memory — and a retry that finds room is taken in at once
+        // rather than answered 5.03 again from the cache for EXCHANGE_LIFETIME.
+        let _ = now;
+        if confirmable {
+            let encoded = response::encode(&Reply::unavailable(retry_after), &to);
+            self.send(&encoded.bytes, peer).await;
+        }
     }
 
     async fn reply(
@@ -517,8 +525,11 @@ impl Server {
                 got = outcome => got.ok(),
             };
             let Pending { peer, to, device, .. } = &pending;
+            // The pipeline counts the refusals it decides (shard, writer) with their
+            // protocol; only an uplink it dropped without an outcome is ours to count.
+            let dropped = outcome.is_none();
             let decided = response::for_outcome(outcome, busy, no_profile);
-            if let Some(why) = decided.refused {
+            if let (Some(why), true) = (decided.refused, dropped) {
                 metrics.rejected(why);
             }
             let encoded = response::encode(&decided.reply, to);
@@ -699,6 +710,37 @@ mod tests {
         // 247 s on, the message ID and the payload are forgotten: processed again.
         assert_eq!(exchange(&client, addr, &request).await, first);
         assert_eq!(seen.recv().await.unwrap().1, b"reading-1".to_vec());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retransmission_of_a_shed_request_is_processed_once_there_is_room() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        // A pipeline that holds one uplink and is not read yet: the second is refused.
+        let (tx, mut rx) = mpsc::channel::<Uplink>(1);
+        let pipeline = PipelineHandle::from_shards(vec![tx], Duration::from_secs(3));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(socket, settings(), pipeline, shutdown.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(&post(1, b"first"), addr).await.unwrap();
+        let second = post(2, b"second");
+        let p = exchange(&client, addr, &second).await;
+        assert_eq!(
+            p.header.code,
+            coap_lite::MessageClass::Response(ResponseType::ServiceUnavailable)
+        );
+        assert_eq!(
+            rx.recv().await.unwrap().payload,
+            Bytes::from_static(b"first")
+        );
+        // Room again: the retransmission (same MID) is taken in, not answered 5.03 from a
+        // cache.
+        client.send_to(&second, addr).await.unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap().payload,
+            Bytes::from_static(b"second")
+        );
+        shutdown.cancel();
     }
 
     #[tokio::test(start_paused = true)]
