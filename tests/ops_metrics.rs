@@ -241,6 +241,23 @@ fn metrics_under_load_pass_promtool_and_carry_closed_label_sets() {
         &[("protocol", "coap"), ("reason", "unknown_device")],
     );
     assert_eq!(unknown, 1.0);
+    // Alert series exist from the start at 0 (no "no data" on dashboards): the meter's
+    // offline rule has not fired, and nothing is silent yet.
+    assert_eq!(
+        v(
+            "nbiot_alerts_firing",
+            &[
+                ("profile", "cjt188-water-meter"),
+                ("rule", "offline"),
+                ("severity", "warning")
+            ]
+        ),
+        0.0
+    );
+    assert_eq!(
+        v("nbiot_devices_silent", &[("profile", "cjt188-water-meter")]),
+        0.0
+    );
     assert_eq!(
         v(
             "nbiot_decode_errors_total",

@@ -588,6 +588,26 @@ fn load_rules(
 ) -> (Vec<ShardRules>, Vec<Transition>) {
     let mut rules: Vec<ShardRules> = (0..shards).map(|_| ShardRules::new(start_ms)).collect();
     let profiles = registry.profiles().current();
+    // Every (profile, rule) series exists from the start, at 0: a dashboard or a rule
+    // then sees "nothing firing" rather than "no data". The label sets are the profiles'
+    // own (closed) rule names.
+    for profile in profiles.iter() {
+        let mut watches = false;
+        for alert in &profile.alerts {
+            watches |= alert.kind == crate::profiles::AlertKind::Inactive;
+            metrics::gauge!(m::ALERTS_FIRING, "profile" => profile.name.clone(), "rule" => alert.name.clone(), "severity" => alert.severity.as_str()).increment(0.0);
+            for state in [
+                AlertState::Pending,
+                AlertState::Firing,
+                AlertState::Resolved,
+            ] {
+                metrics::counter!(m::ALERT_TRANSITIONS, "profile" => profile.name.clone(), "rule" => alert.name.clone(), "state" => state.as_str()).increment(0);
+            }
+        }
+        if watches {
+            metrics::gauge!(m::DEVICES_SILENT, "profile" => profile.name.clone()).increment(0.0);
+        }
+    }
     let mut stale = Vec::new();
     let (mut restored, mut watched) = (0usize, 0usize);
     for row in stored {
