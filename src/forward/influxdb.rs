@@ -373,6 +373,9 @@ impl std::fmt::Debug for WriteClient {
 }
 
 fn send_error(e: reqwest::Error) -> SendError {
+    // The URL is logged on its own, without user info; reqwest's message would repeat it
+    // with any password in it.
+    let e = e.without_url();
     if e.is_timeout() {
         SendError::Timeout
     } else if e.is_connect() {
