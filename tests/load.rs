@@ -182,9 +182,10 @@ fn short_soak_loses_nothing_and_keeps_fds_and_memory_flat() {
     assert_eq!(count(&s["store_check"]["checked"]), sent, "{s}");
     assert_eq!(s["store_check"]["missing"], 0, "{s}");
     assert_eq!(s["store_check"]["duplicated"], 0, "{s}");
-    // No descriptor leak: the same sockets and files at the end as at the start.
+    // No descriptor leak: no more sockets and files at the end than at the start (the
+    // start may count the registration's HTTP connection, closed since).
     let fds = &s["gateway"]["fds"];
-    assert_eq!(fds["end"], fds["start"], "{s}");
+    assert!(count(&fds["end"]) <= count(&fds["start"]), "{s}");
     assert!(count(&fds["max"]) <= count(&fds["start"]) + 4, "{s}");
     // Memory: the duplicate caches and SQLite's page cache fill, nothing else grows.
     let rss = &s["gateway"]["rss_kib"];

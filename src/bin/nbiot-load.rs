@@ -239,9 +239,12 @@ struct Args {
     #[arg(long, default_value_t = MAX_RETRANSMIT)]
     max_retransmit: u32,
     /// Send an uplink answered 5.03 again after its Max-Age (new message id), as a device
-    /// would; its latency then counts from the first attempt.
+    /// would, up to --max-503-retries times; its latency then counts from the first attempt.
     #[arg(long)]
     retry_503: bool,
+    /// With --retry-503: attempts after a 5.03 before the uplink counts as shed.
+    #[arg(long, default_value_t = 3)]
+    max_503_retries: u32,
     /// After the last send, how long to wait for outstanding answers (MQTT PUBACKs, the
     /// baseline subscriber). CoAP CONs end by their own retransmission timeouts.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
@@ -982,11 +985,14 @@ struct CoapSocket {
     stride: u64,
     con: bool,
     max_retransmit: u32,
-    retry_503: bool,
+    /// 5.03 retries per uplink (0: a 5.03 is final).
+    retries_503: u32,
 }
 
 struct Pending {
     k: u64,
+    /// 5.03 answers this uplink has had.
+    shed: u32,
     first_sent: Instant,
     last_sent: Instant,
     timeout: Duration,
@@ -1009,8 +1015,8 @@ impl CoapSocket {
         let f = Rc::clone(&self.fleet);
         let total = f.schedule.total;
         let mut pending: HashMap<u16, Pending> = HashMap::new();
-        // 5.03-answered uplinks to send again: (when, k, first sent).
-        let mut retries: BinaryHeap<Reverse<(Instant, u64, Instant)>> = BinaryHeap::new();
+        // 5.03-answered uplinks to send again: (when, k, first sent, 5.03s so far).
+        let mut retries: BinaryHeap<Reverse<(Instant, u64, Instant, u32)>> = BinaryHeap::new();
         let mut next_k = self.index;
         let mut mid = rand_start(self.index);
         let mut out = Vec::with_capacity(f.frame.coap.len());
@@ -1034,7 +1040,7 @@ impl CoapSocket {
                     let Some(p) = pending.remove(&a.mid) else { continue };
                     let now = Instant::now();
                     let (d, seq, _) = f.uplink(p.k);
-                    let retry = self.retry_503 && a.code == CODE_UNAVAILABLE;
+                    let retry = a.code == CODE_UNAVAILABLE && p.shed < self.retries_503;
                     f.stats.borrow_mut().answered(p.k, (d, seq), p.first_sent, a.code, !retry, now);
                     if retry {
                         let after = Duration::from_secs(u64::from(a.max_age.unwrap_or(DEFAULT_MAX_AGE_S as u32)));
@@ -1042,7 +1048,7 @@ impl CoapSocket {
                         if retries.peek().is_none_or(|Reverse((t, ..))| when < *t) {
                             retry_timer.as_mut().reset(when.into());
                         }
-                        retries.push(Reverse((when, p.k, p.first_sent)));
+                        retries.push(Reverse((when, p.k, p.first_sent, p.shed + 1)));
                     }
                 }
                 // The next new uplinks, on schedule (a burst if we are late).
@@ -1054,7 +1060,7 @@ impl CoapSocket {
                         if due > now {
                             break;
                         }
-                        mid = self.send_new(&mut pending, &mut out, mid, next_k, now, now).await;
+                        mid = self.send_new(&mut pending, &mut out, mid, (next_k, 0), now, now).await;
                         f.stats.borrow_mut().sent(next_k, due, now);
                         next_k += self.stride;
                         burst += 1;
@@ -1065,12 +1071,12 @@ impl CoapSocket {
                 // 5.03-answered uplinks whose Max-Age has passed.
                 () = retry_timer.as_mut(), if !retries.is_empty() => {
                     let now = Instant::now();
-                    while let Some(Reverse((when, k, first))) = retries.peek().copied() {
+                    while let Some(Reverse((when, k, first, shed))) = retries.peek().copied() {
                         if when > now {
                             break;
                         }
                         retries.pop();
-                        mid = self.send_new(&mut pending, &mut out, mid, k, first, now).await;
+                        mid = self.send_new(&mut pending, &mut out, mid, (k, shed), first, now).await;
                     }
                     let next = retries.peek().map_or(far, |Reverse((t, ..))| *t);
                     retry_timer.as_mut().reset(next.into());
@@ -1117,7 +1123,7 @@ impl CoapSocket {
         pending: &mut HashMap<u16, Pending>,
         out: &mut Vec<u8>,
         mut mid: u16,
-        k: u64,
+        (k, shed): (u64, u32),
         first_sent: Instant,
         now: Instant,
     ) -> u16 {
@@ -1137,6 +1143,7 @@ impl CoapSocket {
                 mid,
                 Pending {
                     k,
+                    shed,
                     first_sent,
                     last_sent: now,
                     timeout: initial_timeout(k),
@@ -1166,7 +1173,11 @@ async fn run_coap(fleet: Rc<Fleet>, args: &Args, con: bool, sockets: usize) -> a
             stride: sockets as u64,
             con,
             max_retransmit: args.max_retransmit,
-            retry_503: args.retry_503 && con,
+            retries_503: if args.retry_503 && con {
+                args.max_503_retries
+            } else {
+                0
+            },
         };
         tasks.push(tokio::task::spawn_local(task.run()));
     }
@@ -1920,9 +1931,9 @@ fn recovery(windows: &[Window], from: usize, to: usize, p99_ms: f64) -> Option<u
     // after their uplink was sent, so they date the past, not the window.
     let within = |w: &Window| {
         w.busy == 0
-            && w.latency.as_ref().is_none_or(|h| {
-                h.is_empty() || h.value_at_quantile(0.99) as f64 / 1000.0 <= p99_ms
-            })
+            && w.latency
+                .as_ref()
+                .is_none_or(|h| h.is_empty() || h.value_at_quantile(0.99) as f64 / 1000.0 <= p99_ms)
     };
     let mut settled = None;
     for i in from..to {
