@@ -40,7 +40,7 @@
 //! Whether the time is the device's is stored with each reading (`device_time`), and the
 //! raw payload is kept, so a different rule can be applied to old rows later.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -193,6 +193,7 @@ impl Shard {
             shard: self,
             metrics: Metrics::new(),
             issues: Vec::new(),
+            warned: HashSet::new(),
         };
         let mut closing = false;
         let mut notes_open = true;
@@ -261,6 +262,10 @@ struct Worker {
     metrics: Metrics,
     /// Scratch: rule evaluation problems of the uplink being processed.
     issues: Vec<Issue>,
+    /// (profile, rule) pairs already reported at WARN: a fleet imported without a
+    /// parameter would otherwise log one WARN per device (a million lines for a million
+    /// devices). Later devices are logged at DEBUG; all are counted.
+    warned: HashSet<(String, String)>,
 }
 
 impl Worker {
@@ -405,7 +410,8 @@ impl Worker {
             .load_history(device, set, data, before_s.saturating_mul(1000), alerts);
     }
 
-    /// Counts every rule that could not be evaluated, and logs the first per device and rule.
+    /// Counts every rule that could not be evaluated; logs the first per device and rule
+    /// (at WARN for the first device of each profile and rule, then at DEBUG).
     fn report_issues(&mut self, device: &Device, profile: &Profile) {
         for issue in self.issues.drain(..) {
             metrics::counter!(
@@ -415,23 +421,43 @@ impl Worker {
                 "reason" => issue.error.reason()
             )
             .increment(1);
-            if issue.first {
-                match &issue.param {
-                    Some(param) => warn!(
-                        device = %device.id(),
-                        profile = %profile.name,
-                        rule = %issue.rule,
-                        param = %param,
-                        "Alert rule needs a device parameter the device does not have; the rule is not evaluated for it until the parameter is set."
-                    ),
-                    None => warn!(
-                        device = %device.id(),
-                        profile = %profile.name,
-                        rule = %issue.rule,
-                        error = %issue.error,
-                        "Alert rule cannot be evaluated on this device's readings (a field has an unexpected type)."
-                    ),
-                }
+            if !issue.first {
+                continue;
+            }
+            let key = (profile.name.clone(), issue.rule.to_string());
+            let loud = !self.warned.contains(&key);
+            if loud {
+                self.warned.insert(key);
+            }
+            match (&issue.param, loud) {
+                (Some(param), true) => warn!(
+                    device = %device.id(),
+                    profile = %profile.name,
+                    rule = %issue.rule,
+                    param = %param,
+                    "Alert rule needs a device parameter the device does not have; the rule is not evaluated for it until the parameter is set. Further devices of this profile missing it are logged at DEBUG and counted in nbiot_alert_rule_errors_total."
+                ),
+                (Some(param), false) => debug!(
+                    device = %device.id(),
+                    profile = %profile.name,
+                    rule = %issue.rule,
+                    param = %param,
+                    "Alert rule needs a device parameter the device does not have."
+                ),
+                (None, true) => warn!(
+                    device = %device.id(),
+                    profile = %profile.name,
+                    rule = %issue.rule,
+                    error = %issue.error,
+                    "Alert rule cannot be evaluated on this device's readings (a field has an unexpected type). Further devices are logged at DEBUG and counted in nbiot_alert_rule_errors_total."
+                ),
+                (None, false) => debug!(
+                    device = %device.id(),
+                    profile = %profile.name,
+                    rule = %issue.rule,
+                    error = %issue.error,
+                    "Alert rule cannot be evaluated on this device's readings."
+                ),
             }
         }
     }
