@@ -459,20 +459,23 @@ impl Consumer {
         let withheld = self
             .acks
             .release(&mut self.ready, |o| verdict(o, &metrics.shutting_down));
-        let mut failed = false;
+        let mut failed = None;
         if let Some(client) = &self.client {
             for (pkid, qos) in self.ready.drain(..) {
-                // Cannot be full (REQUEST_CHANNEL); fails only if the connection task has
-                // already dropped this connection, whose `Lost` is on its way.
-                if client.try_ack(&ack_packet(pkid, qos)).is_err() {
-                    failed = true;
+                // Expected to fail only if the connection task has already dropped this
+                // connection, whose `Lost` is on its way. KNOWN BUG (BENCHMARKS.md, MQTT):
+                // at saturation it also fails while the connection is up (rumqttc's
+                // request channel refuses the ack), and the restart below makes the broker
+                // re-send what was committed but not acknowledged; the error is logged.
+                if let Err(e) = client.try_ack(&ack_packet(pkid, qos)) {
+                    failed = Some(e);
                     break;
                 }
             }
         }
         self.ready.clear();
-        if failed {
-            debug!("Could not queue an MQTT ack; resuming the session.");
+        if let Some(error) = failed {
+            debug!(error = ?error, "Could not queue an MQTT ack; resuming the session.");
             self.restart(Duration::ZERO);
         } else if let Some(Verdict::Withhold { retry_after }) = withheld {
             let delay = self.backoff.clamp(retry_after.unwrap_or(self.backoff.max));
