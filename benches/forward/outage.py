@@ -1,9 +1,9 @@
 # Drain after a TSDB outage at a steady ingest rate, and the gateway's RSS during the outage.
-# usage: outage.py RATE OUTAGE_S
+# usage: outage.py RATE OUTAGE_S [BEFORE_S AFTER_S]   (defaults 30 and 150)
 import os, sys, statistics; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import *
 rate, outage = int(sys.argv[1]), int(sys.argv[2])
-before, after = 30, 150
+before, after = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (30, 150)
 D = f"{ROOT}/outage"; shutil.rmtree(D, ignore_errors=True); os.makedirs(D)
 vm = Vm(f"{D}/vm").start()
 gw = Gw(f"{D}/gw", free_port(socket.SOCK_DGRAM), vm.url())
