@@ -12,113 +12,39 @@
 //!
 //! The two run one after the other (a lock), so that one's load does not slow the other.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use support::{config, Gateway, TempDir};
 
 /// One scenario at a time: both saturate the machine's cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const START_DEADLINE: Duration = Duration::from_secs(30);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("nbiot-load-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Gateway {
-    child: Child,
-    http: String,
-    coap: String,
+/// The real gateway on ports chosen at run time (MQTT off, the shipped profiles) and the
+/// store `nbiot-load` checks.
+struct Fleet {
+    gw: Gateway,
     db: PathBuf,
-    _log: mpsc::Receiver<String>,
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    /// The real binary on ports chosen at run time (read back from its `Gateway running.`
-    /// line), MQTT off, the shipped profiles.
-    fn start(dir: &Path) -> Gateway {
-        let config = dir.join("gateway.toml");
-        let db = dir.join("data/gateway.db");
-        std::fs::write(
-            &config,
-            format!(
-                "[coap]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nmode = \"off\"\n\
-                 [http]\nlisten = \"127.0.0.1:0\"\n\
-                 [store]\npath = \"{}\"\n[profiles]\ndir = \"{}\"\n",
-                db.display(),
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("device-profiles")
-                    .display()
-            ),
-        )
-        .expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nbiot-gateway"))
-            .args(["run", "--config", config.to_str().expect("path")])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the gateway");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + START_DEADLINE;
-        let line = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the gateway logs `Gateway running.` in time");
-            if line.contains("Gateway running.") {
-                break line;
-            }
-        };
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        Gateway {
-            http: format!("http://{}", field("http")),
-            coap: field("coap"),
-            db,
-            child,
-            _log: rx,
+impl Fleet {
+    fn start(dir: &TempDir) -> Fleet {
+        Fleet {
+            gw: Gateway::start(&config(dir, ""), &[], &[]),
+            db: dir.path("data/gateway.db"),
         }
     }
 
     /// Runs `nbiot-load` against this gateway with `args`; returns its JSON summary and
     /// whether it exited 0 (its store check passed).
     fn load(&self, args: &[&str]) -> (serde_json::Value, bool) {
+        let api = format!("http://{}", self.gw.http);
         let out = Command::new(env!("CARGO_BIN_EXE_nbiot-load"))
-            .args(["--coap", &self.coap, "--api", &self.http, "--json"])
-            .args(["--gateway-pid", &self.child.id().to_string()])
+            .args(["--coap", &self.gw.coap, "--api", &api, "--json"])
+            .args(["--gateway-pid", &self.gw.child.id().to_string()])
             .args(["--verify-db", self.db.to_str().expect("path")])
             .args(args)
             .output()
@@ -135,11 +61,7 @@ impl Gateway {
 
     /// The sum of a metric's samples whose labels contain `labels`, from `/metrics`.
     fn metric(&self, name: &str, labels: &str) -> Option<f64> {
-        let out = Command::new("curl")
-            .args(["-fsS", &format!("{}/metrics", self.http)])
-            .output()
-            .expect("curl");
-        let page = String::from_utf8_lossy(&out.stdout);
+        let page = self.gw.metrics();
         let mut sum = None;
         for line in page.lines().filter(|l| l.starts_with(name)) {
             let (series, value) = line.rsplit_once(' ')?;
@@ -159,7 +81,7 @@ fn count(v: &serde_json::Value) -> u64 {
 fn short_soak_loses_nothing_and_keeps_fds_and_memory_flat() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("soak");
-    let gw = Gateway::start(&dir.0);
+    let gw = Fleet::start(&dir);
     let (s, ok) = gw.load(&[
         "--register",
         "--devices",
@@ -202,7 +124,7 @@ fn short_soak_loses_nothing_and_keeps_fds_and_memory_flat() {
 fn overload_is_shed_with_503_and_recovers() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("overload");
-    let gw = Gateway::start(&dir.0);
+    let gw = Fleet::start(&dir);
     // 20 000 uplinks as fast as the tool can send them (far beyond what is committed per
     // second), then 15 s at 50/s.
     let (s, ok) = gw.load(&[

@@ -4,13 +4,13 @@
 //! readings, as one commit wrote them), and the restore procedure (stop, replace the file,
 //! drop the old `-wal`/`-shm`, start) gives a gateway that serves it and takes writes.
 
-mod ops_support;
+mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use ops_support::*;
 use rusqlite::{Connection, OpenFlags};
+use support::*;
 
 fn open_ro(path: &Path) -> Connection {
     Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db")

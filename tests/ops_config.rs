@@ -8,7 +8,7 @@
 //!
 //! (tests/cli.rs checks that the active part of `print-config` equals the defaults.)
 
-mod ops_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,8 +18,8 @@ use nbiot_gateway::config::{
     AlertmanagerConfig, CoapConfig, Config, HttpConfig, InfluxConfig, MqttConfig, ProfilesConfig,
     StoreConfig, TokenConfig,
 };
-use ops_support::*;
 use serde::de::{DeserializeOwned, Visitor};
+use support::*;
 
 /// A serde `Deserializer` that only records the field names a struct asks for: derive
 /// passes them all to `deserialize_struct`, so this lists a config section's keys without

@@ -4,9 +4,9 @@
 //! errors and forwarded batches included), and `RUST_LOG` directives filter by target and
 //! level.
 
-mod ops_support;
+mod support;
 
-use ops_support::*;
+use support::*;
 
 const METER: &str = "78330011223344";
 

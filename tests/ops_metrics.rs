@@ -4,14 +4,14 @@
 //! sets (no device id, IMEI, topic or address), histograms have the buckets chosen for them,
 //! and the values moved with what the test sent.
 
-mod ops_support;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ops_support::*;
+use support::*;
 
 const CJT188_REPLY: &str = "68104433221100337881161f9000007766552c007766552c3101221105152021841316";
 const METER: &str = "78330011223344";

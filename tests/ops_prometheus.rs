@@ -9,14 +9,14 @@
 //! shipped durations are minutes); the expressions, labels and annotations are the shipped
 //! ones, unchanged. The forwarder itself turns unhealthy after 30 s of failed writes.
 
-mod ops_support;
+mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ops_support::*;
 use serde_json::Value;
+use support::*;
 
 /// Milesight EM300-TH NB-IoT frame of this IMEI; its frame counter is bytes 6..8.
 const EM300_TH_NB: &str = "020001006200001401303132303031303036313338423232303535393131303033383639393531303430323933333631343630313133313132303632393331383938363131323032323030313332323838393309002a01755bff023c000367fe000468780367ff000468780367fe000468780367ff000468780367fe00046879";

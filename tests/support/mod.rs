@@ -1,6 +1,7 @@
-//! What the ops tests share: a temp dir, the real `nbiot-gateway` binary started with a
-//! config file (its stderr collected line by line), plain HTTP GETs, and polling with a
-//! deadline. Each test file uses part of it.
+//! What the integration tests that run the real binaries share: a temp dir, the real
+//! `nbiot-gateway` binary started with a config file (its stderr collected line by line),
+//! plain HTTP GETs, VictoriaMetrics, and polling with a deadline. Each test file uses part
+//! of it (`mod support;`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -37,7 +38,7 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("nbiot-ops-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("nbiot-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
