@@ -63,6 +63,8 @@ const LABELS: &[(&str, &[&str])] = &[
     ("nbiot_sequence_gaps_total", &["profile"]),
     ("nbiot_store_commit_duration_seconds", &[]),
     ("nbiot_store_commit_batch_uplinks", &[]),
+    ("nbiot_store_checkpoint_duration_seconds", &[]),
+    ("nbiot_store_wal_uncheckpointed_pages", &[]),
     ("nbiot_decode_duration_seconds", &["codec"]),
     ("nbiot_ingest_duration_seconds", &["protocol"]),
     ("nbiot_pipeline_queue_uplinks", &[]),

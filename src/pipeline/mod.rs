@@ -65,6 +65,7 @@ use crate::profiles::Severity;
 use crate::registry::Registry;
 use crate::rules::{ShardRules, Transition};
 use crate::store::alerts::{self as alert_store, StoredAlert};
+use crate::store::checkpoint::{self, Checkpointer};
 use crate::store::ingest::{self, Pruned};
 use crate::store::query::ReadPool;
 use crate::store::StoreError;
@@ -363,6 +364,8 @@ pub struct Pipeline {
     /// The pipeline's own sender (for `prune_expired`); dropped at shutdown.
     writer_queue: Option<writer::WriterQueue>,
     writer: Option<std::thread::JoinHandle<writer::WriterStats>>,
+    /// Stopped after the writer (`store::checkpoint`).
+    checkpointer: Option<Checkpointer>,
     retention: Duration,
     retention_batch: usize,
     forwarding: bool,
@@ -403,9 +406,10 @@ impl Pipeline {
         let path = registry.store().path().to_owned();
         let busy_timeout = config.busy_timeout;
         let start_ms = (config.clock)();
-        let (conn, last_sequences, stored_alerts, last_seen) =
+        let (conn, wal, checkpointer, last_sequences, stored_alerts, last_seen) =
             tokio::task::spawn_blocking(move || {
                 let mut conn = ingest::open_writer(&path, busy_timeout)?;
+                let wal = checkpoint::configure_writer(&mut conn)?;
                 let seqs = ingest::load_sequences(&conn)?;
                 let orphans = alert_store::resolve_unregistered(&mut conn, start_ms)?;
                 if orphans > 0 {
@@ -416,7 +420,8 @@ impl Pipeline {
                 }
                 let stored = alert_store::load_state(&conn)?;
                 let last_seen = alert_store::load_last_seen(&conn)?;
-                Ok::<_, StoreError>((conn, seqs, stored, last_seen))
+                let checkpointer = Checkpointer::start(&path)?;
+                Ok::<_, StoreError>((conn, wal, checkpointer, seqs, stored, last_seen))
             })
             .await
             .map_err(StoreError::from)??;
@@ -434,6 +439,7 @@ impl Pipeline {
         let depth = Arc::new(writer::QueueDepth::new(n));
         let writer = writer::spawn(
             conn,
+            wal,
             rx,
             &queue,
             writer::WriterConfig {
@@ -507,6 +513,7 @@ impl Pipeline {
             handle,
             stop,
             shards,
+            checkpointer: Some(checkpointer),
             retention_task,
             writer_queue: Some(queue),
             writer: Some(writer),
@@ -568,6 +575,10 @@ impl Pipeline {
                 failed_batches = stats.failed_batches,
                 "Pipeline stopped."
             );
+        }
+        // Its last checkpoint empties the WAL now that nothing writes.
+        if let Some(c) = self.checkpointer.take() {
+            tokio::task::spawn_blocking(move || c.stop()).await?;
         }
         Ok(())
     }

@@ -74,6 +74,7 @@ use crate::profiles::Profile;
 use crate::registry::Device;
 use crate::rules::Transition;
 use crate::store::alerts::{self as alert_store, NewTransition};
+use crate::store::checkpoint::{self, WalFrames};
 use crate::store::ingest::{self, NewReading, NewUplink, Pruned};
 use crate::store::StoreError;
 use crate::telemetry::metrics as m;
@@ -208,6 +209,7 @@ pub(super) struct WriterStats {
 /// Starts the writer thread on `conn`.
 pub(super) fn spawn(
     conn: Connection,
+    wal: WalFrames,
     rx: Receiver<Queued>,
     queue: &WriterQueue,
     config: WriterConfig,
@@ -227,7 +229,7 @@ pub(super) fn spawn(
                 }
             }
             let _close = CloseOnExit(Arc::clone(&permits));
-            let mut writer = Writer::new(conn, config, depth, permits, capacity);
+            let mut writer = Writer::new(conn, wal, config, depth, permits, capacity);
             writer.run(&rx);
             writer.stats
         })
@@ -346,6 +348,8 @@ impl Metrics {
 
 struct Writer {
     conn: Connection,
+    /// The WAL's length after the last commit (`store::checkpoint`).
+    wal: WalFrames,
     config: WriterConfig,
     depth: Arc<QueueDepth>,
     permits: Arc<Semaphore>,
@@ -363,6 +367,7 @@ struct Writer {
 impl Writer {
     fn new(
         conn: Connection,
+        wal: WalFrames,
         config: WriterConfig,
         depth: Arc<QueueDepth>,
         permits: Arc<Semaphore>,
@@ -370,6 +375,7 @@ impl Writer {
     ) -> Writer {
         Writer {
             conn,
+            wal,
             config,
             depth,
             permits,
@@ -428,6 +434,8 @@ impl Writer {
                 }
             }
             self.commit(&mut batch);
+            // After the answers: a long WAL is checkpointed here, off every uplink's path.
+            checkpoint::catch_up(&self.conn, &self.wal);
             if let Some(p) = control {
                 self.prune(p);
             }

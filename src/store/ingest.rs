@@ -100,7 +100,7 @@ pub fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, St
             reason: "its schema has no ingest tables (open it with Store::open first)",
         });
     }
-    conn.set_prepared_statement_cache_capacity(16);
+    conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
 
@@ -108,8 +108,29 @@ const INSERT_UPLINK: &str = "INSERT INTO uplinks (device, profile, codec, transp
      received_at_ms, payload, error_code, error_message, sequence, readings) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
-const INSERT_READING: &str = "INSERT INTO readings (uplink_id, device, profile, measurement, \
-     time_s, device_time, fields) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+/// Readings go in with one multi-row INSERT per uplink (up to this many rows per
+/// statement): one statement execution, one `sqlite_sequence` update, instead of one per
+/// reading.
+const READINGS_PER_INSERT: usize = 16;
+
+/// `INSERT INTO readings … VALUES (…), (…)` with `rows` rows (1..=READINGS_PER_INSERT),
+/// built once per size.
+fn insert_readings_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (1..=READINGS_PER_INSERT)
+            .map(|n| {
+                let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
+                format!(
+                    "INSERT INTO readings (uplink_id, device, profile, measurement, time_s, \
+                     device_time, fields) VALUES {values}"
+                )
+            })
+            .collect()
+    });
+    let i = rows.clamp(1, READINGS_PER_INSERT) - 1;
+    all.get(i).map_or("", String::as_str)
+}
 
 /// Counters add up; "last" columns take the uplink's values; the last readings and the last
 /// error keep their previous values when this uplink has none.
@@ -158,20 +179,25 @@ pub fn insert_uplink(conn: &Connection, u: &NewUplink<'_>) -> rusqlite::Result<I
         u.readings.len() as i64,
     ])?;
     let mut range: Option<(i64, i64)> = None;
-    if !u.readings.is_empty() {
-        let mut stmt = conn.prepare_cached(INSERT_READING)?;
-        for r in u.readings {
-            let id = stmt.insert(params![
-                uplink_id,
-                u.device,
-                u.profile,
-                r.measurement.as_str(),
-                r.time_s,
-                r.device_time,
-                r.fields,
-            ])?;
-            range = Some(range.map_or((id, id), |(first, _)| (first, id)));
+    for chunk in u.readings.chunks(READINGS_PER_INSERT) {
+        let mut stmt = conn.prepare_cached(insert_readings_sql(chunk.len()))?;
+        let mut i = 1;
+        for r in chunk {
+            stmt.raw_bind_parameter(i, uplink_id)?;
+            stmt.raw_bind_parameter(i + 1, u.device)?;
+            stmt.raw_bind_parameter(i + 2, u.profile)?;
+            stmt.raw_bind_parameter(i + 3, r.measurement.as_str())?;
+            stmt.raw_bind_parameter(i + 4, r.time_s)?;
+            stmt.raw_bind_parameter(i + 5, r.device_time)?;
+            stmt.raw_bind_parameter(i + 6, r.fields.as_str())?;
+            i += 7;
         }
+        stmt.raw_execute()?;
+        // One statement by the only writer: its rows got consecutive ids (AUTOINCREMENT
+        // takes max + 1 row by row), the last of which is the connection's last rowid.
+        let last = conn.last_insert_rowid();
+        let first = last - (chunk.len() as i64 - 1);
+        range = Some(range.map_or((first, last), |(f, _)| (f, last)));
     }
     conn.prepare_cached(UPSERT_STATE)?.execute(params![
         u.device,

@@ -23,6 +23,7 @@
 
 pub mod alerts;
 pub mod alerts_query;
+pub mod checkpoint;
 pub mod ingest;
 pub mod query;
 
@@ -120,6 +121,12 @@ pub enum StoreError {
 
     #[error("database task stopped before it finished: {0}")]
     Task(#[from] tokio::task::JoinError),
+
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The embedded database. Share it as `Arc<Store>`.

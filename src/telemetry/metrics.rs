@@ -25,6 +25,8 @@ pub const UPLINKS_STORED: &str = "nbiot_uplinks_stored_total";
 pub const UPLINKS_DECODED: &str = "nbiot_uplinks_decoded_total";
 pub const STORE_COMMIT_DURATION: &str = "nbiot_store_commit_duration_seconds";
 pub const STORE_COMMIT_BATCH: &str = "nbiot_store_commit_batch_uplinks";
+pub const STORE_WAL_FRAMES: &str = "nbiot_store_wal_uncheckpointed_pages";
+pub const STORE_CHECKPOINT_DURATION: &str = "nbiot_store_checkpoint_duration_seconds";
 pub const DECODE_DURATION: &str = "nbiot_decode_duration_seconds";
 pub const INGEST_DURATION: &str = "nbiot_ingest_duration_seconds";
 pub const PIPELINE_QUEUE: &str = "nbiot_pipeline_queue_uplinks";
@@ -166,6 +168,16 @@ pub fn describe() {
         "Duration of one group commit to the store."
     );
     describe_histogram!(STORE_COMMIT_BATCH, Unit::Count, "Uplinks per group commit.");
+    describe_gauge!(
+        STORE_WAL_FRAMES,
+        Unit::Count,
+        "Pages in the store's write-ahead log not yet copied into the database file."
+    );
+    describe_histogram!(
+        STORE_CHECKPOINT_DURATION,
+        Unit::Seconds,
+        "Duration of one background WAL checkpoint (copy into the database file + fsync)."
+    );
     describe_histogram!(
         DECODE_DURATION,
         Unit::Seconds,
@@ -314,6 +326,13 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
     (
         STORE_COMMIT_BATCH,
         &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+    ),
+    // Background checkpoints: nothing to copy (microseconds) to a burst's seconds.
+    (
+        STORE_CHECKPOINT_DURATION,
+        &[
+            0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+        ],
     ),
     // Decodes: hundreds of nanoseconds (release build) to a pathological millisecond.
     (
