@@ -1,4 +1,5 @@
-//! Retention: deletes uplinks and readings older than `[store] retention`, periodically.
+//! Retention: deletes uplinks, readings and alert transitions older than `[store] retention`,
+//! periodically (the current alert state is kept).
 //!
 //! Deleting goes through the writer thread as `Prune` jobs, one bounded batch each (at most
 //! `retention_batch` uplinks and their readings, in its own short transaction between two
@@ -57,6 +58,7 @@ pub(super) async fn prune_until_done(
         let pruned = rx.await.map_err(|_| PipelineError::WriterStopped)??;
         total.uplinks += pruned.uplinks;
         total.readings += pruned.readings;
+        total.alert_transitions += pruned.alert_transitions;
         if !pruned.more || stop.is_some_and(CancellationToken::is_cancelled) {
             return Ok(total);
         }
@@ -80,8 +82,9 @@ pub(super) async fn run(queue: WriterQueue, r: Retention, stop: CancellationToke
             Ok(p) => debug!(
                 uplinks = p.uplinks,
                 readings = p.readings,
+                alert_transitions = p.alert_transitions,
                 cutoff_ms,
-                "Retention deleted expired uplinks and readings."
+                "Retention deleted expired uplinks, readings and alert transitions."
             ),
             Err(PipelineError::WriterStopped) => return,
             // The disk fills up if this keeps failing: worth an operator's attention.

@@ -248,6 +248,7 @@ struct Metrics {
     per_profile: HashMap<String, (Counter, Counter, Counter)>,
     pruned_uplinks: Counter,
     pruned_readings: Counter,
+    pruned_transitions: Counter,
     /// By (profile, rule).
     alerts: HashMap<(Arc<str>, Arc<str>), AlertMetrics>,
     /// `nbiot_devices_silent` by profile.
@@ -298,6 +299,7 @@ impl Metrics {
             per_profile: HashMap::new(),
             pruned_uplinks: metrics::counter!(m::STORE_PRUNED, "table" => "uplinks"),
             pruned_readings: metrics::counter!(m::STORE_PRUNED, "table" => "readings"),
+            pruned_transitions: metrics::counter!(m::STORE_PRUNED, "table" => "alert_transitions"),
             alerts: HashMap::new(),
             silent: HashMap::new(),
             events_dropped: metrics::counter!(m::ALERT_EVENTS_DROPPED),
@@ -640,7 +642,11 @@ impl Writer {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let pruned = ingest::prune_batch(&tx, p.cutoff_ms, p.max_uplinks, p.forwarding)?;
+            let mut pruned = ingest::prune_batch(&tx, p.cutoff_ms, p.max_uplinks, p.forwarding)?;
+            pruned.alert_transitions =
+                alert_store::prune_transitions(&tx, p.cutoff_ms, p.max_uplinks, p.forwarding)?;
+            // A full batch of transitions may leave more, like a full batch of uplinks.
+            pruned.more |= pruned.alert_transitions >= p.max_uplinks.max(1);
             tx.commit()?;
             Ok::<_, rusqlite::Error>(pruned)
         })();
@@ -649,6 +655,9 @@ impl Writer {
             self.metrics
                 .pruned_readings
                 .increment(pruned.readings as u64);
+            self.metrics
+                .pruned_transitions
+                .increment(pruned.alert_transitions as u64);
         }
         let _ = p.reply.send(result.map_err(StoreError::from));
     }

@@ -200,3 +200,110 @@ pub fn resolve_unregistered(conn: &mut Connection, now_ms: i64) -> rusqlite::Res
     tx.commit()?;
     Ok(n)
 }
+
+/// Retention for `alert_transitions` (inside the caller's transaction, like
+/// [`super::ingest::prune_batch`]): deletes at most `max` of the oldest transitions that
+/// happened before `cutoff_ms`, walking in id order and stopping at the first that did
+/// not; with `forwarding`, none the slowest forwarder has not delivered
+/// (`forward_cursor.alert_id`; no cursor yet = nothing delivered). `alert_state`, the
+/// current state, is never pruned. Returns how many were deleted.
+pub fn prune_transitions(
+    conn: &Connection,
+    cutoff_ms: i64,
+    max: usize,
+    forwarding: bool,
+) -> rusqlite::Result<usize> {
+    let delivered: i64 = if forwarding {
+        conn.prepare_cached("SELECT coalesce(min(alert_id), 0) FROM forward_cursor")?
+            .query_row([], |r| r.get(0))?
+    } else {
+        i64::MAX
+    };
+    let limit = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
+    let mut last_old: Option<i64> = None;
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, time_ms FROM alert_transitions WHERE id <= ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![delivered, limit])?;
+        while let Some(row) = rows.next()? {
+            let (id, at): (i64, i64) = (row.get(0)?, row.get(1)?);
+            if at >= cutoff_ms {
+                break;
+            }
+            last_old = Some(id);
+        }
+    }
+    match last_old {
+        Some(upto) => conn
+            .prepare_cached("DELETE FROM alert_transitions WHERE id <= ?1")?
+            .execute([upto]),
+        None => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn transition(conn: &Connection, at_ms: i64) -> i64 {
+        insert_transition(
+            conn,
+            &NewTransition {
+                device: "d1",
+                profile: "p",
+                rule: "r",
+                severity: "warning",
+                state: "pending",
+                at_ms,
+                since_ms: at_ms,
+                starts_ms: None,
+                value: None,
+                summary: "s",
+            },
+        )
+        .expect("insert")
+    }
+
+    fn ids(conn: &Connection) -> Vec<i64> {
+        let mut stmt = conn
+            .prepare("SELECT id FROM alert_transitions ORDER BY id")
+            .expect("prepare");
+        let rows = stmt.query_map([], |r| r.get(0)).expect("query");
+        rows.map(|r| r.expect("row")).collect()
+    }
+
+    #[test]
+    fn retention_deletes_old_delivered_transitions_in_id_order() {
+        let dir = std::env::temp_dir().join(format!("nbiot-alert-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("gateway.db");
+        drop(Store::open(&path).expect("store"));
+        let conn = Connection::open(&path).expect("open");
+        // Times: 100, 200, 900 (new), 300 (old, but after a new one in id order).
+        let a = transition(&conn, 100);
+        let b = transition(&conn, 200);
+        let c = transition(&conn, 900);
+        let d = transition(&conn, 300);
+
+        // Forwarding without a cursor: nothing was delivered, nothing goes.
+        assert_eq!(prune_transitions(&conn, 500, 10, true).expect("prune"), 0);
+        // Delivered up to `a`: only `a`.
+        conn.execute(
+            "INSERT INTO forward_cursor (name, reading_id, updated_ms, alert_id) VALUES ('influxdb', 0, 0, ?1)",
+            [a],
+        )
+        .expect("cursor");
+        assert_eq!(prune_transitions(&conn, 500, 10, true).expect("prune"), 1);
+        assert_eq!(ids(&conn), vec![b, c, d]);
+        // Without forwarding: the walk stops at the first new one (`c`), so `d` waits.
+        assert_eq!(prune_transitions(&conn, 500, 10, false).expect("prune"), 1);
+        assert_eq!(ids(&conn), vec![c, d]);
+        // Bounded per batch, and everything goes once old enough.
+        assert_eq!(prune_transitions(&conn, 1000, 1, false).expect("prune"), 1);
+        assert_eq!(prune_transitions(&conn, 1000, 10, false).expect("prune"), 1);
+        assert!(ids(&conn).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

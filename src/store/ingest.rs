@@ -247,6 +247,8 @@ pub fn load_sequences(conn: &Connection) -> rusqlite::Result<Vec<(String, u32)>>
 pub struct Pruned {
     pub uplinks: usize,
     pub readings: usize,
+    /// Alert transitions ([`super::alerts::prune_transitions`]).
+    pub alert_transitions: usize,
     /// The batch was full: there may be more to delete.
     pub more: bool,
 }
@@ -326,6 +328,7 @@ pub fn prune_batch(
     Ok(Pruned {
         uplinks,
         readings,
+        alert_transitions: 0,
         more: full,
     })
 }
